@@ -1,0 +1,95 @@
+"""Configuration dataclasses for the CLaSp engine, validated once at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+MODES = ("ar", "clasp", "static")
+
+
+@dataclasses.dataclass
+class ClaspConfig:
+    """Speculation settings. Every field has the measured default documented in the README."""
+
+    mode: str = "clasp"  # ar: plain decoding; clasp: DP skip sets; static: fixed skip set
+    num_skip_layers: int | None = None  # M; None -> round(default_skip_ratio * num_layers)
+    default_skip_ratio: float = 0.2  # used only when num_skip_layers is None
+    max_draft_length: int = 8  # K, tokens drafted per round at most
+    draft_exit_threshold: float = 0.6  # stop drafting when the draft's top probability falls below
+    replan_interval: int = 32  # LOI, in verification rounds
+    static_skip_set: tuple[int, ...] | None = None  # static mode; None -> evenly spread middle layers
+    draft_dtype: str | None = "float16"  # weights of the draft copy; None -> share the full weights
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.num_skip_layers is not None and self.num_skip_layers < 0:
+            raise ValueError(f"num_skip_layers must be >= 0, got {self.num_skip_layers}")
+        if not 0.0 <= self.default_skip_ratio < 1.0:
+            raise ValueError(f"default_skip_ratio must be in [0, 1), got {self.default_skip_ratio}")
+        if self.max_draft_length < 1:
+            raise ValueError(f"max_draft_length must be >= 1, got {self.max_draft_length}")
+        if not 0.0 <= self.draft_exit_threshold <= 1.0:
+            raise ValueError(f"draft_exit_threshold must be in [0, 1], got {self.draft_exit_threshold}")
+        if self.replan_interval < 1:
+            raise ValueError(f"replan_interval must be >= 1, got {self.replan_interval}")
+        if self.draft_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ValueError(f"draft_dtype must be float32, float16, bfloat16 or None, got {self.draft_dtype!r}")
+        if self.static_skip_set is not None:
+            self.static_skip_set = tuple(sorted(set(int(i) for i in self.static_skip_set)))
+
+    def skip_count(self, num_layers: int) -> int:
+        """M for a model of num_layers layers (at most num_layers - 1: one layer always runs)."""
+        m = self.num_skip_layers
+        if m is None:
+            m = round(self.default_skip_ratio * num_layers)
+        if m >= num_layers:
+            raise ValueError(f"num_skip_layers must be < the model's {num_layers} layers, got {m}")
+        return m
+
+    def static_skips(self, num_layers: int) -> frozenset[int]:
+        """The static mode's skip set: the given one, or M layers spread over the middle of the stack."""
+        if self.static_skip_set is not None:
+            bad = [i for i in self.static_skip_set if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(f"static_skip_set has layers outside [0, {num_layers}): {bad}")
+            return frozenset(self.static_skip_set)
+        m = self.skip_count(num_layers)
+        # Keep the first and last layers, which matter most for every token.
+        inner = list(range(1, num_layers - 1))
+        if m == 0 or not inner:
+            return frozenset()
+        step = len(inner) / m
+        return frozenset(inner[math.floor(k * step + step / 2)] for k in range(min(m, len(inner))))
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How tokens are chosen. temperature 0 means greedy (exact argmax)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1.0 disables
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
+        self.stop = tuple(self.stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,257 @@
+"""The decode loop: prefill, draft, verify, and the self-speculative step around them.
+
+A round drafts up to K tokens with the layer-skipped draft, verifies them in one full
+forward pass, keeps the accepted prefix plus one resampled/bonus token (see clasp.verify),
+and rolls the KV cache back to what was accepted. `ar` mode is the same loop with K = 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterator
+
+import torch
+
+from clasp.config import ClaspConfig, SamplingParams
+from clasp.kv_cache import KVCache
+from clasp.model_runner import ModelRunner
+from clasp.planner import LayerPlan, plan_layers
+from clasp.stats import DecodeStats
+from clasp.verify import logits_to_probs, rejection_sample, sample, verify_greedy
+
+
+@dataclasses.dataclass
+class Proposal:
+    token_ids: torch.Tensor  # [K] int64, drafted tokens
+    probs: torch.Tensor | None  # [K, vocab], the draft's warped distributions (sampling only)
+
+
+@dataclasses.dataclass
+class RoundResult:
+    accepted_length: int  # tau
+    next_token_id: int  # the resampled or bonus token
+    hidden: torch.Tensor | None  # [L+1, hidden], full-model states of the last accepted token
+    hidden_position: int  # that token's position
+
+
+@dataclasses.dataclass
+class PlanRecord:
+    step: int  # the verification round the skip set was first used at
+    skip_set: list[int]
+    score: float | None  # the DP's cos(g[L][M], h_L); None for static sets
+    seconds: float
+
+
+@dataclasses.dataclass
+class Chunk:
+    """What one round adds to the output; the final chunk carries the result."""
+
+    token_ids: list[int]
+    text: str
+    result: "GenerationResult | None" = None
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # stop (EOS), length, stop_string
+    num_prompt_tokens: int
+    stats: DecodeStats
+    plans: list[PlanRecord]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_generated_tokens": len(self.token_ids),
+            "accepted_lengths": self.stats.accepted_lengths,
+            "plans": [dataclasses.asdict(p) for p in self.plans],
+            "seconds": self.seconds,
+            "tokens_per_second": len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0,
+            "stats": self.stats.to_dict(),
+        }
+
+
+# ---------------------------------------------------------------------- steps
+def prefill(runner: ModelRunner, cache: KVCache, prompt_ids: torch.Tensor, collect_hidden: bool):
+    """Run the prompt. Returns (last-position logits [1, vocab], h_0..h_L of the last prompt token or None)."""
+    hidden = [] if collect_hidden else None
+    logits = runner.forward(prompt_ids, cache, 0, last_only=True, hidden_states=hidden)
+    return logits, (torch.stack([h[-1] for h in hidden]) if collect_hidden else None)
+
+
+def select_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """The full model's choice from logits [1, vocab]."""
+    if params.greedy:
+        return int(logits[0].argmax())
+    return int(sample(logits_to_probs(logits, params), generator)[0])
+
+
+def draft(runner: ModelRunner, cache: KVCache, token_id: int, position: int, skip_set: frozenset[int],
+          max_tokens: int, exit_threshold: float, params: SamplingParams,
+          generator: torch.Generator | None) -> Proposal:
+    """Draft up to max_tokens tokens after token_id (at `position`) with the layer-skipped model.
+
+    Stops early once the draft's top probability falls below exit_threshold (the token that
+    fell below is still proposed: verifying it costs one row, and it is often right).
+    """
+    device = runner.device
+    current = torch.tensor([token_id], device=device)
+    drafted, probs = [], []
+    for k in range(max_tokens):
+        logits = runner.forward(current, cache, position + k, skip_set, draft=True)  # [1, vocab]
+        if params.greedy:
+            confidence, current = torch.softmax(logits, dim=-1).max(dim=-1)
+        else:
+            q = logits_to_probs(logits, params)
+            current = sample(q, generator)
+            confidence = q.max()
+            probs.append(q[0])
+        drafted.append(current)
+        # The exit decision is a host branch: one scalar read per drafted token. NaN stops too.
+        if not float(confidence) >= exit_threshold:
+            break
+    return Proposal(torch.cat(drafted), torch.stack(probs) if probs else None)
+
+
+def verify(runner: ModelRunner, cache: KVCache, token_id: int, position: int, proposal: Proposal | None,
+           params: SamplingParams, generator: torch.Generator | None, collect_hidden: bool) -> RoundResult:
+    """Run the full model over [token_id, drafts...] in one pass, accept, and roll the cache back."""
+    pending = torch.tensor([token_id], device=runner.device)
+    inputs = pending if proposal is None else torch.cat([pending, proposal.token_ids])
+    hidden = [] if collect_hidden else None
+    logits = runner.forward(inputs, cache, position, hidden_states=hidden)  # [K+1, vocab]
+    if proposal is None:
+        tau, next_id = 0, select_token(logits, params, generator)
+    elif params.greedy:
+        tau, next_id = verify_greedy(proposal.token_ids.tolist(), logits)
+    else:
+        tau, next_id = rejection_sample(proposal.token_ids, proposal.probs, logits_to_probs(logits, params), generator)
+    cache.truncate(position + tau + 1)  # keep the pending token and the accepted drafts
+    states = torch.stack([h[tau] for h in hidden]) if collect_hidden else None
+    return RoundResult(tau, next_id, states, position + tau)
+
+
+# ---------------------------------------------------------------------- the loop
+class _Output:
+    """Accumulates emitted tokens and applies EOS, max-token and stop-string limits."""
+
+    def __init__(self, tokenizer, params: SamplingParams, eos_ids: frozenset[int], max_new_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.params = params
+        self.eos_ids = frozenset() if params.ignore_eos else eos_ids
+        self.max_new_tokens = max_new_tokens
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of text already streamed
+        self.finish_reason: str | None = None
+        self._hold = max((len(s) for s in params.stop), default=1) - 1
+
+    def add(self, new_ids: list[int]) -> Chunk:
+        before = len(self.token_ids)
+        for t in new_ids:
+            self.token_ids.append(t)
+            if t in self.eos_ids:
+                self.finish_reason = "stop"
+                break
+            if len(self.token_ids) >= self.max_new_tokens:
+                self.finish_reason = "length"
+                break
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        cuts = [c for stop in self.params.stop if (c := text.find(stop, max(0, len(self.text) - len(stop)))) >= 0]
+        if cuts:
+            text, self.finish_reason = text[:min(cuts)], "stop_string"
+            self._trim_to_stop(before)
+        self.text = text
+        # Hold back what could be the start of a stop string or a partial UTF-8 character.
+        end = len(text) if self.finish_reason else max(self.sent, len(text) - self._hold)
+        while end > self.sent and text[end - 1] == "\ufffd" and not self.finish_reason:
+            end -= 1
+        delta, self.sent = text[self.sent:end], end
+        return Chunk(self.token_ids[before:], delta)
+
+    def _trim_to_stop(self, first_new: int) -> None:
+        """Drop the tokens after the one that completed a stop string (once, at the end)."""
+        for n in range(first_new + 1, len(self.token_ids) + 1):
+            text = self.tokenizer.decode(self.token_ids[:n], skip_special_tokens=True)
+            if any(stop in text for stop in self.params.stop):
+                del self.token_ids[n:]
+                return
+
+
+def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: SamplingParams, config: ClaspConfig,
+             eos_ids: frozenset[int], initial_plan: LayerPlan | None = None) -> Iterator[Chunk]:
+    """Decode from prompt_ids; yields one Chunk per round, the last one with the result."""
+    started = time.perf_counter()
+    spec = runner.spec
+    if not prompt_ids:
+        raise ValueError("prompt is empty: it must contain at least one token")
+    if len(prompt_ids) >= spec.max_context:
+        raise ValueError(f"prompt has {len(prompt_ids)} tokens, the context window is {spec.max_context}")
+    max_new = min(params.max_new_tokens, spec.max_context - len(prompt_ids))
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=runner.device).manual_seed(params.seed)
+
+    stats, plans = DecodeStats(), []
+    speculative = config.mode != "ar"
+    dynamic = config.mode == "clasp"
+    num_skip = config.skip_count(spec.num_layers) if speculative else 0
+    cache = runner.new_cache(len(prompt_ids) + max_new)
+    out = _Output(tokenizer, params, eos_ids, max_new)
+
+    logits, hidden = prefill(runner, cache, torch.tensor(prompt_ids, device=runner.device),
+                             collect_hidden=dynamic and initial_plan is None)
+    skip_set = frozenset()
+    if config.mode == "static":
+        skip_set = config.static_skips(spec.num_layers)
+        plans.append(PlanRecord(0, sorted(skip_set), None, 0.0))
+    elif dynamic:
+        plan = initial_plan
+        if plan is None:
+            plan, _ = plan_layers(runner, cache, hidden, len(prompt_ids) - 1, num_skip)
+            stats.observe_plan(plan.seconds)
+        skip_set = plan.skip_set(num_skip)
+        plans.append(PlanRecord(0, sorted(skip_set), plan.scores[min(num_skip, len(plan.scores) - 1)], plan.seconds))
+
+    token_id = select_token(logits, params, generator)
+    position = len(prompt_ids)  # where token_id (emitted, not yet run) will be processed
+    chunk = out.add([token_id])
+    while out.finish_reason is None:
+        yield chunk
+        remaining = max_new - len(out.token_ids)
+        num_draft = min(config.max_draft_length, remaining - 1) if speculative else 0
+        replan = dynamic and (stats.num_rounds + 1) % config.replan_interval == 0
+        t0 = time.perf_counter()
+        proposal = None
+        if num_draft > 0:
+            proposal = draft(runner, cache, token_id, position, skip_set, num_draft,
+                             config.draft_exit_threshold, params, generator)
+        t1 = time.perf_counter()
+        result = verify(runner, cache, token_id, position, proposal, params, generator, collect_hidden=replan)
+        t2 = time.perf_counter()
+        stats.draft_seconds += t1 - t0
+        stats.verify_seconds += t2 - t1
+        num_drafted = 0 if proposal is None else proposal.token_ids.shape[0]
+        stats.observe_round(num_drafted, result.accepted_length)
+        new_ids = ([] if proposal is None else proposal.token_ids[:result.accepted_length].tolist())
+        new_ids.append(result.next_token_id)
+        position += result.accepted_length + 1
+        token_id = result.next_token_id
+        if replan:
+            plan, _ = plan_layers(runner, cache, result.hidden, result.hidden_position, num_skip, step=stats.num_rounds)
+            stats.observe_plan(plan.seconds)
+            new_set = plan.skip_set(num_skip)
+            if new_set != skip_set:
+                skip_set = new_set
+                plans.append(PlanRecord(stats.num_rounds, sorted(skip_set), plan.scores[min(num_skip, len(plan.scores) - 1)],
+                                        plan.seconds))
+        chunk = out.add(new_ids)
+    chunk.result = GenerationResult(out.text, out.token_ids, out.finish_reason, len(prompt_ids), stats, plans,
+                                    time.perf_counter() - started)
+    yield chunk

@@ -1,0 +1,71 @@
+"""The engine: a loaded model, its tokenizer and a decoding config, behind one small API."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+import torch
+
+from clasp.config import ClaspConfig, SamplingParams
+from clasp.decoding import Chunk, GenerationResult, generate
+from clasp.loading import load_model, model_identity, resolve_device, resolve_dtype
+from clasp.model_runner import ModelRunner
+from clasp.planner import LayerPlan
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer, config: ClaspConfig, eos_ids: frozenset[int],
+                 model_name: str) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config
+        self.eos_ids = eos_ids
+        self.model_name = model_name
+
+    @classmethod
+    def load(cls, model_path: str | os.PathLike | None = None, config: ClaspConfig | None = None,
+             device: str | None = None, dtype: str | None = None) -> "Engine":
+        config = config or ClaspConfig()
+        dev = resolve_device(device)
+        model, tokenizer = load_model(model_path, resolve_dtype(dtype, dev), dev)
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        runner = ModelRunner.from_hf(model, release=True)
+        runner.set_draft_dtype(None if config.draft_dtype is None else getattr(torch, config.draft_dtype))
+        config.skip_count(runner.spec.num_layers)  # validate M against this model now
+        if config.static_skip_set is not None:
+            config.static_skips(runner.spec.num_layers)
+        return cls(runner, tokenizer, config, frozenset(eos_ids), model_identity(model_path))
+
+    def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None, chat: bool = True) -> list[int]:
+        """Token ids for raw text (chat=False), or for a chat prompt through the model's template."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if prompt is not None and not prompt.strip():
+            raise ValueError("prompt is empty")
+        if messages is not None or (chat and self.tokenizer.chat_template):
+            msgs = list(messages) if messages is not None else [{"role": "user", "content": prompt}]
+            if not msgs:
+                raise ValueError("messages is empty")
+            for i, m in enumerate(msgs):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise ValueError(f"messages[{i}] must have string 'role' and 'content'")
+            ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "input_ids") or isinstance(ids, dict):
+                ids = ids["input_ids"]
+            return list(ids)
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams, config: ClaspConfig | None = None,
+               initial_plan: LayerPlan | None = None) -> Iterator[Chunk]:
+        return generate(self.runner, self.tokenizer, prompt_ids, params, config or self.config, self.eos_ids,
+                        initial_plan)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, config: ClaspConfig | None = None) -> GenerationResult:
+        result = None
+        for chunk in self.stream(prompt_ids, params, config):
+            result = chunk.result
+        return result
