@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=MODES, default=DEFAULTS.mode,
                    help="ar: plain decoding; clasp: DP-planned skip sets; static: a fixed skip set")
     g.add_argument("--num-skip-layers", type=int, default=None,
-                   help=f"M, layers skipped while drafting (default: {DEFAULTS.default_skip_ratio:.0%} of the layers)")
+                   help=f"M, layers skipped while drafting (default: {DEFAULTS.copied_draft_skip_ratio:.0%} of the layers with a "
+                        f"half-precision draft copy, {DEFAULTS.shared_draft_skip_ratio:.0%} when the draft shares the weights)")
     g.add_argument("--max-draft-length", type=int, default=DEFAULTS.max_draft_length, help="K, tokens drafted per round at most")
     g.add_argument("--draft-exit-threshold", type=float, default=DEFAULTS.draft_exit_threshold,
                    help="stop drafting when the draft's top probability falls below this")

@@ -200,8 +200,8 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
 
     stats, plans = DecodeStats(), []
     speculative = config.mode != "ar"
-    dynamic = config.mode == "clasp"
-    num_skip = config.skip_count(spec.num_layers) if speculative else 0
+    num_skip = config.skip_count(spec.num_layers, runner.draft_has_copy) if speculative else 0
+    dynamic = config.mode == "clasp" and num_skip > 0  # with M = 0 the DP has nothing to choose
     cache = runner.new_cache(len(prompt_ids) + max_new)
     out = _Output(tokenizer, params, eos_ids, max_new)
 
@@ -209,8 +209,10 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
                              collect_hidden=dynamic and initial_plan is None)
     skip_set = frozenset()
     if config.mode == "static":
-        skip_set = config.static_skips(spec.num_layers)
+        skip_set = config.static_skips(spec.num_layers, runner.draft_has_copy)
         plans.append(PlanRecord(0, sorted(skip_set), None, 0.0))
+    elif config.mode == "clasp" and not dynamic:
+        plans.append(PlanRecord(0, [], None, 0.0))
     elif dynamic:
         plan = initial_plan
         if plan is None:

@@ -35,9 +35,9 @@ class Engine:
             eos_ids.add(tokenizer.eos_token_id)
         runner = ModelRunner.from_hf(model, release=True)
         runner.set_draft_dtype(None if config.draft_dtype is None else getattr(torch, config.draft_dtype))
-        config.skip_count(runner.spec.num_layers)  # validate M against this model now
+        config.skip_count(runner.spec.num_layers, runner.draft_has_copy)  # validate M against this model now
         if config.static_skip_set is not None:
-            config.static_skips(runner.spec.num_layers)
+            config.static_skips(runner.spec.num_layers, runner.draft_has_copy)
         return cls(runner, tokenizer, config, frozenset(eos_ids), model_identity(model_path))
 
     def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None, chat: bool = True) -> list[int]:

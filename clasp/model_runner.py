@@ -162,6 +162,10 @@ class ModelRunner:
         else:
             self.draft_weights = self.weights.to(dtype)
 
+    @property
+    def draft_has_copy(self) -> bool:
+        return self.draft_weights is not self.weights
+
     def new_cache(self, max_length: int) -> KVCache:
         if max_length > self.spec.max_context:
             raise ValueError(f"cache length {max_length} exceeds the context window {self.spec.max_context}")

@@ -65,11 +65,12 @@ def test_clasp_matches_ar(engine, ar_outputs, prompt, chat, limit):
 
 
 @pytest.mark.parametrize("config", [
+    ClaspConfig(),
     ClaspConfig(mode="clasp", num_skip_layers=0, draft_dtype=None),
     ClaspConfig(mode="clasp", num_skip_layers=15, max_draft_length=3, draft_exit_threshold=0.0),
     ClaspConfig(mode="static", num_skip_layers=6),
     ClaspConfig(mode="static", static_skip_set=(1, 5, 9, 20)),
-], ids=["M0-fp32-draft", "M15-K3-no-exit", "static-M6", "static-explicit"])
+], ids=["defaults", "M0-fp32-draft", "M15-K3-no-exit", "static-M6", "static-explicit"])
 def test_other_settings_match_ar(engine, ar_outputs, config):
     for prompt, chat, limit in PROMPTS[2:5]:
         result = engine.generate(engine.encode(prompt, chat=chat), SamplingParams(max_new_tokens=limit), config)
