@@ -151,6 +151,8 @@ class _Output:
         self.sent = 0  # characters of text already streamed
         self.finish_reason: str | None = None
         self._hold = max((len(s) for s in params.stop), default=1) - 1
+        self._prefix = 0  # detokenization window: tokens [_prefix, _read) are already in text
+        self._read = 0
 
     def add(self, new_ids: list[int]) -> Chunk:
         before = len(self.token_ids)
@@ -162,18 +164,30 @@ class _Output:
             if len(self.token_ids) >= self.max_new_tokens:
                 self.finish_reason = "length"
                 break
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        cuts = [c for stop in self.params.stop if (c := text.find(stop, max(0, len(self.text) - len(stop)))) >= 0]
+        previous = len(self.text)
+        self._detokenize()
+        cuts = [c for stop in self.params.stop if (c := self.text.find(stop, max(0, previous - len(stop) + 1))) >= 0]
         if cuts:
-            text, self.finish_reason = text[:min(cuts)], "stop_string"
+            self.text, self.finish_reason = self.text[:min(cuts)], "stop_string"
             self._trim_to_stop(before)
-        self.text = text
-        # Hold back what could be the start of a stop string or a partial UTF-8 character.
-        end = len(text) if self.finish_reason else max(self.sent, len(text) - self._hold)
-        while end > self.sent and text[end - 1] == "\ufffd" and not self.finish_reason:
-            end -= 1
-        delta, self.sent = text[self.sent:end], end
+        # Hold back what could be the start of a stop string.
+        end = len(self.text) if self.finish_reason else max(self.sent, len(self.text) - self._hold)
+        delta, self.sent = self.text[self.sent:end], end
         return Chunk(self.token_ids[before:], delta)
+
+    def _detokenize(self) -> None:
+        """Append the new tokens' text, decoding a short window instead of the whole output.
+
+        The window starts a few tokens back so that merges and leading spaces decode as they
+        would in context. Text ending in a partial UTF-8 character waits for the next tokens.
+        """
+        window = self.token_ids[self._prefix:]
+        known = self.tokenizer.decode(window[:self._read - self._prefix], skip_special_tokens=True)
+        full = self.tokenizer.decode(window, skip_special_tokens=True)
+        if full.endswith("\ufffd") and self.finish_reason is None:
+            return
+        self.text += full[len(known):]
+        self._prefix, self._read = self._read, len(self.token_ids)
 
     def _trim_to_stop(self, first_new: int) -> None:
         """Drop the tokens after the one that completed a stop string (once, at the end)."""

@@ -98,7 +98,10 @@ def test_stop_string_truncates(engine, ar_outputs):
     assert stop not in engine.tokenizer.decode(result.token_ids[:-1], skip_special_tokens=True)
 
 
-def test_streamed_text_equals_final_text(engine):
-    chunks = list(engine.stream(engine.encode(PROMPTS[2][0]), SamplingParams(max_new_tokens=48)))
-    assert "".join(c.text for c in chunks) == chunks[-1].result.text
+@pytest.mark.parametrize("prompt", [PROMPTS[2][0], "Translate to Chinese and Japanese: I love green tea. 🍵"])
+def test_streamed_text_equals_final_text(engine, prompt):
+    chunks = list(engine.stream(engine.encode(prompt), SamplingParams(max_new_tokens=48)))
+    result = chunks[-1].result
+    assert "".join(c.text for c in chunks) == result.text
+    assert result.text == engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     assert sum((c.token_ids for c in chunks), []) == chunks[-1].result.token_ids

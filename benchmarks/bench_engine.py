@@ -1,0 +1,473 @@
+"""Engine benchmark: CLaSp vs plain decoding vs transformers peers on Spec-Bench questions.
+
+Runs, side by side in one process on the same weights and the same prompt ids:
+
+  clasp             our engine, mode="clasp" (DP-planned skip sets)
+  ar                our engine, mode="ar" (plain autoregressive decoding, the baseline)
+  static            our engine, mode="static" (one fixed skip set)
+  hf_greedy         transformers model.generate(do_sample=False)
+  hf_prompt_lookup  transformers generate(prompt_lookup_num_tokens=10)
+  hf_early_exit     transformers generate(assistant_early_exit=~L/2) (self-speculative early exit)
+
+All methods are greedy and stop at EOS or max-new-tokens, so every method's output should be
+the same text; `clasp` and `static` must emit exactly `ar`'s token ids (checked, counted).
+For each question the methods run one after another, so a load spike on a shared machine
+hits all of them rather than one. Results go to benchmarks/results/engine-<tag>.{json,md}
+and benchmarks/results/engine-latest.md.
+
+Usage: PYTHONPATH=. python benchmarks/bench_engine.py [--per-category N | --full] [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
+    sys.path.insert(0, str(REPO))
+
+from clasp.config import ClaspConfig, SamplingParams  # noqa: E402
+from clasp.engine import Engine  # noqa: E402
+from clasp.loading import load_model, resolve_device, resolve_dtype  # noqa: E402
+
+DEFAULT_QUESTIONS = REPO.parent / "shared/data/spec_bench/question.jsonl"
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+ENGINE_METHODS = ("clasp", "ar", "static")
+HF_METHODS = ("hf_greedy", "hf_prompt_lookup", "hf_early_exit")
+ALL_METHODS = ("ar", "clasp", "static") + HF_METHODS  # run order within a question: ar first
+# Spec-Bench's six categories; the eight MT-bench categories are reported as one.
+CATEGORIES = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
+MT_BENCH = frozenset({"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"})
+PROMPT_LOOKUP_TOKENS = 10
+WARMUP_PROMPT = "Say hello in one short sentence."
+WARMUP_TOKENS = 8
+# Quick default, measured budget: see build_parser's epilog.
+QUICK_PER_CATEGORY = 1
+QUICK_MAX_NEW_TOKENS = 128
+
+
+@dataclasses.dataclass
+class Question:
+    question_id: int
+    category: str  # one of CATEGORIES
+    prompt: str  # the first turn
+
+
+@dataclasses.dataclass
+class Row:
+    """One method on one question."""
+
+    question_id: int
+    category: str
+    method: str
+    num_prompt_tokens: int
+    num_tokens: int = 0
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    finish_reason: str | None = None
+    mean_accepted_length: float | None = None  # engine methods only: tokens emitted per verification round
+    acceptance_rate: float | None = None
+    num_rounds: int | None = None
+    num_draft_tokens: int | None = None
+    num_accepted_tokens: int | None = None
+    plan_seconds: float | None = None
+    skip_ratio: float | None = None  # round-weighted mean of |skip set| / num_layers
+    matches_ar: bool | None = None  # token ids equal to `ar`'s on this question
+    error: str | None = None
+    token_ids: list[int] = dataclasses.field(default_factory=list, repr=False)
+
+
+# ---------------------------------------------------------------------- inputs
+def load_questions(path: Path, per_category: int | None) -> list[Question]:
+    """First-turn prompts, the first `per_category` by question_id of each category (None: all)."""
+    by_category: dict[str, list[Question]] = defaultdict(list)
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            q = json.loads(line)
+            category = "mt_bench" if q["category"] in MT_BENCH else q["category"]
+            by_category[category].append(Question(int(q["question_id"]), category, q["turns"][0]))
+    unknown = sorted(set(by_category) - set(CATEGORIES))
+    if unknown:
+        raise ValueError(f"{path}: unknown categories {unknown}")
+    selected = []
+    for category in CATEGORIES:
+        questions = sorted(by_category.get(category, []), key=lambda q: q.question_id)
+        selected.extend(questions if per_category is None else questions[:per_category])
+    return selected
+
+
+def build_config(args: argparse.Namespace) -> ClaspConfig:
+    """The speculation config; flags left unset keep ClaspConfig's defaults."""
+    overrides = {name: getattr(args, name) for name in
+                 ("num_skip_layers", "max_draft_length", "draft_exit_threshold", "replan_interval")
+                 if getattr(args, name) is not None}
+    if args.draft_dtype is not None:
+        overrides["draft_dtype"] = None if args.draft_dtype == "none" else args.draft_dtype
+    return ClaspConfig(**overrides)
+
+
+# ---------------------------------------------------------------------- runners
+def skip_ratio(plans, num_rounds: int, num_layers: int) -> float:
+    """Mean fraction of layers skipped while drafting, each plan weighted by the rounds it was used for."""
+    if not plans:
+        return 0.0
+    ends = [p.step for p in plans[1:]] + [max(num_rounds, plans[-1].step)]
+    weights = [max(end - p.step, 0) for p, end in zip(plans, ends)]
+    if sum(weights) == 0:
+        weights = [1] * len(plans)
+    return sum(w * len(p.skip_set) for w, p in zip(weights, plans)) / (sum(weights) * num_layers)
+
+
+def engine_runner(engine: Engine, config: ClaspConfig, mode: str) -> Callable[[list[int], int], dict]:
+    """A function (prompt ids, max new tokens) -> row fields, for one mode of our engine."""
+    mode_config = dataclasses.replace(config, mode=mode)
+    num_layers = engine.runner.spec.num_layers
+
+    def run(prompt_ids: list[int], max_new_tokens: int) -> dict:
+        t0 = time.perf_counter()
+        result = engine.generate(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens), mode_config)
+        seconds = time.perf_counter() - t0
+        s = result.stats
+        fields = dict(token_ids=list(result.token_ids), seconds=seconds, finish_reason=result.finish_reason)
+        if mode != "ar":
+            fields.update(mean_accepted_length=s.mean_accepted_length, acceptance_rate=s.acceptance_rate,
+                          num_rounds=s.num_rounds, num_draft_tokens=s.num_draft_tokens,
+                          num_accepted_tokens=s.num_accepted_tokens, plan_seconds=s.plan_seconds,
+                          skip_ratio=skip_ratio(result.plans, s.num_rounds, num_layers))
+        return fields
+
+    return run
+
+
+def hf_runner(model, eos_ids: list[int], pad_id: int, extra: dict) -> Callable[[list[int], int], dict]:
+    """A function (prompt ids, max new tokens) -> row fields, for transformers generate with `extra` kwargs."""
+    device = next(model.parameters()).device
+
+    def run(prompt_ids: list[int], max_new_tokens: int) -> dict:
+        input_ids = torch.tensor([prompt_ids], device=device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
+                                 pad_token_id=pad_id, **extra)
+        seconds = time.perf_counter() - t0
+        new_ids = out[0, input_ids.shape[1]:].tolist()
+        finish = "stop" if new_ids and new_ids[-1] in eos_ids else "length"
+        return dict(token_ids=new_ids, seconds=seconds, finish_reason=finish)
+
+    return run
+
+
+def build_runners(methods: list[str], engine: Engine, config: ClaspConfig, hf_model, early_exit_layer: int) -> dict:
+    runners = {}
+    eos_ids = sorted(engine.eos_ids)
+    pad_id = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else eos_ids[0]
+    hf_extra = {"hf_greedy": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
+                "hf_early_exit": {"assistant_early_exit": early_exit_layer}}
+    for method in methods:
+        if method in ENGINE_METHODS:
+            runners[method] = engine_runner(engine, config, method)
+        else:
+            runners[method] = hf_runner(hf_model, eos_ids, pad_id, hf_extra[method])
+    return runners
+
+
+def warm_up(runners: dict, prompt_ids: list[int]) -> dict[str, str]:
+    """Run each method once on a short prompt; returns {method: error} for those that raised."""
+    broken = {}
+    for method, run in runners.items():
+        try:
+            run(prompt_ids, WARMUP_TOKENS)
+        except Exception as e:  # a peer that does not support this model is a result, not a crash
+            broken[method] = f"{type(e).__name__}: {e}"
+            print(f"warm-up {method}: FAILED {broken[method]}", file=sys.stderr)
+    return broken
+
+
+def run_question(q: Question, prompt_ids: list[int], runners: dict, broken: dict, max_new_tokens: int) -> list[Row]:
+    rows = []
+    ar_ids = None
+    for method, run in runners.items():
+        row = Row(q.question_id, q.category, method, len(prompt_ids))
+        if method in broken:
+            row.error = broken[method]
+        else:
+            try:
+                for key, value in run(prompt_ids, max_new_tokens).items():
+                    setattr(row, key, value)
+                row.num_tokens = len(row.token_ids)
+                row.tokens_per_s = row.num_tokens / row.seconds if row.seconds > 0 else 0.0
+            except Exception as e:
+                row.error = f"{type(e).__name__}: {e}"
+        if method == "ar" and row.error is None:
+            ar_ids = row.token_ids
+        elif ar_ids is not None and row.error is None:
+            row.matches_ar = row.token_ids == ar_ids
+        rows.append(row)
+        status = row.error or (f"{row.num_tokens:4d} tok {row.seconds:6.2f} s {row.tokens_per_s:6.1f} tok/s"
+                               + ("" if row.matches_ar is not False else "  MISMATCH vs ar"))
+        print(f"q{q.question_id:<4d} {q.category:<14s} {method:<17s} {status}", file=sys.stderr, flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------- aggregation
+def aggregate(rows: list[Row]) -> dict:
+    """One method's rows -> totals; tokens/s is total tokens / total seconds."""
+    ok = [r for r in rows if r.error is None]
+    out = {"num_questions": len(ok), "num_errors": len(rows) - len(ok),
+           "tokens": sum(r.num_tokens for r in ok), "seconds": sum(r.seconds for r in ok)}
+    out["tokens_per_s"] = out["tokens"] / out["seconds"] if out["seconds"] > 0 else None
+    compared = [r for r in ok if r.matches_ar is not None]
+    out["mismatches_vs_ar"] = sum(not r.matches_ar for r in compared) if compared else None
+    spec = [r for r in ok if r.num_rounds]
+    if spec:
+        rounds = sum(r.num_rounds for r in spec)
+        drafted = sum(r.num_draft_tokens for r in spec)
+        accepted = sum(r.num_accepted_tokens for r in spec)
+        plan_seconds = sum(r.plan_seconds for r in spec)
+        out.update(mean_accepted_length=(accepted + rounds) / rounds,
+                   acceptance_rate=accepted / drafted if drafted else 0.0,
+                   skip_ratio=sum(r.skip_ratio * r.num_rounds for r in spec) / rounds,
+                   plan_seconds=plan_seconds,
+                   dp_share=plan_seconds / sum(r.seconds for r in spec))
+    errors = [r.error for r in rows if r.error]
+    if errors:
+        out["error"] = errors[0]
+    return out
+
+
+def summarize_rows(rows: list[Row], methods: list[str]) -> dict:
+    """{category or "overall": {method: aggregate, ..., "speedup_vs_ar": {method: ratio}}}."""
+    groups = {c: [r for r in rows if r.category == c] for c in CATEGORIES}
+    groups = {c: g for c, g in groups.items() if g}
+    groups["overall"] = rows
+    tables = {}
+    for name, group in groups.items():
+        table = {m: aggregate([r for r in group if r.method == m]) for m in methods}
+        ar = table.get("ar", {}).get("tokens_per_s")
+        table["speedup_vs_ar"] = {m: (t["tokens_per_s"] / ar if ar and t["tokens_per_s"] else None)
+                                  for m, t in table.items() if m != "ar"}
+        tables[name] = table
+    return tables
+
+
+# ---------------------------------------------------------------------- environment
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(device: torch.device) -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "device": str(device),
+            "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+# ---------------------------------------------------------------------- output
+def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def render_markdown(summary: dict) -> str:
+    """The results table (one row per category plus overall) as markdown, from a summary dict."""
+    meta, tables = summary["meta"], summary["tables"]
+    m = meta["machine"]
+    methods = meta["methods"]
+    lines = [f"Engine benchmark: {m['processor']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
+             f"{m['device']}{', ' + m['cuda_device'] if m.get('cuda_device') else ''}), model {meta['model']}, "
+             f"{meta['dtype']}, commit {meta['git_commit'] or 'unknown'}, max new tokens {meta['max_new_tokens']}, "
+             f"questions per category: {meta['questions_per_category']}, greedy, {meta['timestamp']}.", ""]
+    columns = [("clasp", "clasp tok/s"), ("ar", "ar tok/s"), ("hf_greedy", "HF greedy tok/s"),
+               ("hf_prompt_lookup", "HF prompt-lookup tok/s"), ("hf_early_exit", "HF early-exit tok/s"),
+               ("static", "static tok/s")]
+    columns = [(k, title) for k, title in columns if k in methods or k != "static"]
+    header = ["Category"] + [t for _, t in columns] + ["clasp/ar", "ar/HF", "mean accepted length", "skip ratio",
+                                                      "DP share"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for name, table in tables.items():
+        def tps(method):
+            t = table.get(method)
+            if t is None:
+                return "-"
+            return "error" if t.get("error") and t["tokens_per_s"] is None else _fmt(t["tokens_per_s"])
+
+        clasp, ar, hf = table.get("clasp", {}), table.get("ar", {}), table.get("hf_greedy", {})
+        ar_hf = ar["tokens_per_s"] / hf["tokens_per_s"] if ar.get("tokens_per_s") and hf.get("tokens_per_s") else None
+        cells = [name] + [tps(k) for k, _ in columns] + [
+            _fmt(table["speedup_vs_ar"].get("clasp"), ".2f", "x"), _fmt(ar_hf, ".2f", "x"),
+            _fmt(clasp.get("mean_accepted_length"), ".2f"), _fmt(clasp.get("skip_ratio"), ".0%"),
+            _fmt(clasp.get("dp_share"), ".1%")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", _notes(summary)]
+    return "\n".join(lines) + "\n"
+
+
+def _notes(summary: dict) -> str:
+    meta, overall = summary["meta"], summary["tables"]["overall"]
+    notes = []
+    for method in ("clasp", "static"):
+        t = overall.get(method)
+        if t and t["mismatches_vs_ar"] is not None:
+            notes.append(f"{method} token ids == ar: {t['num_questions'] - t['mismatches_vs_ar']}/{t['num_questions']} "
+                         f"questions ({t['mismatches_vs_ar']} mismatches)")
+    if overall.get("clasp", {}).get("acceptance_rate") is not None:
+        notes.append(f"clasp acceptance rate {overall['clasp']['acceptance_rate']:.1%}")
+    cfg = meta["config"]
+    notes.append(f"config: M={meta['num_skip_layers']} of {meta['num_layers']} layers, K={cfg['max_draft_length']}, "
+                 f"exit threshold {cfg['draft_exit_threshold']}, replan every {cfg['replan_interval']} rounds, "
+                 f"draft dtype {cfg['draft_dtype'] or 'shared weights'}; HF early exit at layer {meta['early_exit_layer']}, "
+                 f"prompt lookup {PROMPT_LOOKUP_TOKENS} tokens")
+    errors = [f"{m}: {t['error']}" for m, t in overall.items() if isinstance(t, dict) and t.get("error")]
+    notes += [f"error {e}" for e in errors]
+    notes.append(f"peak RSS {meta['peak_rss_mib']:.0f} MiB (process, both models loaded); "
+                 f"wall time {meta['wall_seconds']:.0f} s")
+    return "\n".join(f"- {n}" for n in notes)
+
+
+def write_results(summary: dict, out_dir: Path, tag: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"engine-{tag}"
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(json.dumps(summary, indent=1) + "\n")
+    markdown = render_markdown(summary)
+    stem.with_suffix(".md").write_text(markdown)
+    (out_dir / "engine-latest.md").write_text(markdown)
+    return json_path
+
+
+# ---------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    defaults = ClaspConfig()
+    parser = argparse.ArgumentParser(
+        description="Benchmark CLaSp against plain decoding and transformers peers on Spec-Bench questions "
+                    "(first turn only, greedy, per category: mt_bench, translation, summarization, qa, "
+                    "math_reasoning, rag).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Quick default: --per-category {QUICK_PER_CATEGORY} --max-new-tokens {QUICK_MAX_NEW_TOKENS}, all six "
+               "methods: 6 questions x 6 methods x <=128 tokens. On a 2-core CPU (plain decoding ~65 ms/token) that is "
+               "~4-6 minutes including loading and warm-up; --per-category 2 doubles it. --full runs all 480 "
+               "questions (hours on a CPU).")
+    g = parser.add_argument_group("questions")
+    g.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS,
+                   help="Spec-Bench question.jsonl (default: ../shared/data/spec_bench/question.jsonl from the repo root)")
+    g.add_argument("--per-category", type=int, default=QUICK_PER_CATEGORY,
+                   help=f"questions per category, the first N by question_id (default: {QUICK_PER_CATEGORY})")
+    g.add_argument("--full", action="store_true", help="run every question (overrides --per-category)")
+    g.add_argument("--max-new-tokens", type=int, default=QUICK_MAX_NEW_TOKENS,
+                   help=f"new tokens per answer at most; every method also stops at EOS (default: {QUICK_MAX_NEW_TOKENS})")
+    g.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all). 'ar' is the baseline "
+                        "for speedups and token-id equality; without it those columns are n/a")
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    g.add_argument("--dtype", default="auto",
+                   help="float32, bfloat16, float16 or auto: float32 on CPU, bfloat16 on CUDA (default: auto)")
+    g.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help=f"torch CPU threads for every method (default: os.cpu_count() = {os.cpu_count()})")
+    g = parser.add_argument_group("speculation (our engine; unset = ClaspConfig default)")
+    g.add_argument("--num-skip-layers", type=int, default=None,
+                   help=f"M, layers skipped while drafting (default: {defaults.copied_draft_skip_ratio * 100:.0f}%% of the "
+                        f"layers with a half-precision draft copy, {defaults.shared_draft_skip_ratio * 100:.0f}%% when the "
+                        "draft shares the weights)")
+    g.add_argument("--max-draft-length", type=int, default=None,
+                   help=f"K, tokens drafted per round at most (default: {defaults.max_draft_length})")
+    g.add_argument("--draft-exit-threshold", type=float, default=None,
+                   help=f"stop drafting when the draft's top probability falls below this "
+                        f"(default: {defaults.draft_exit_threshold})")
+    g.add_argument("--replan-interval", type=int, default=None,
+                   help=f"LOI, re-run the DP every N verification rounds (default: {defaults.replan_interval})")
+    g.add_argument("--draft-dtype", default=None, choices=["float32", "float16", "bfloat16", "none"],
+                   help=f"dtype of the draft's weight copy; 'none' shares the full weights "
+                        f"(default: {defaults.draft_dtype})")
+    g = parser.add_argument_group("peers")
+    g.add_argument("--early-exit-layer", type=int, default=None,
+                   help="layer for transformers' assistant_early_exit (default: half the model's layers)")
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="results directory (default: benchmarks/results); engine-latest.md there is overwritten")
+    g.add_argument("--tag", default=None, help="results file name: engine-<tag>.json/.md (default: a timestamp)")
+    return parser
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown or not methods:
+        raise SystemExit(f"--methods: unknown {unknown or 'empty list'}; choose from {','.join(ALL_METHODS)}")
+    return [m for m in ALL_METHODS if m in methods]  # ar first: the others compare against it
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    methods = parse_methods(args.methods)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    timestamp = datetime.datetime.now()
+    config = build_config(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+
+    engine = Engine.load(args.model, config, device=str(device), dtype=str(dtype).removeprefix("torch."))
+    num_layers = engine.runner.spec.num_layers
+    early_exit_layer = args.early_exit_layer or num_layers // 2
+    hf_model = load_model(args.model, dtype, device)[0] if any(m in HF_METHODS for m in methods) else None
+    runners = build_runners(methods, engine, config, hf_model, early_exit_layer)
+
+    questions = load_questions(args.questions, None if args.full else args.per_category)
+    print(f"{len(questions)} questions x {len(methods)} methods ({','.join(methods)}), "
+          f"max {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads", file=sys.stderr)
+    broken = warm_up(runners, engine.encode(WARMUP_PROMPT))
+    rows = []
+    for q in questions:
+        rows += run_question(q, engine.encode(q.prompt), runners, broken, args.max_new_tokens)
+
+    per_category = "all" if args.full else args.per_category
+    meta = {"timestamp": timestamp.isoformat(timespec="seconds"), "machine": machine_info(device),
+            "model": engine.model_name, "model_path": args.model, "dtype": str(dtype).removeprefix("torch."),
+            "git_commit": git_commit(), "methods": methods, "max_new_tokens": args.max_new_tokens,
+            "questions_per_category": per_category, "num_questions": len(questions),
+            "questions_file": str(args.questions), "config": dataclasses.asdict(config), "num_layers": num_layers,
+            "num_skip_layers": config.skip_count(num_layers, engine.runner.draft_has_copy),
+            "early_exit_layer": early_exit_layer, "prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS,
+            "warmup_errors": broken, "peak_rss_mib": peak_rss_mib(),
+            "wall_seconds": time.perf_counter() - started}
+    row_dicts = [{k: v for k, v in dataclasses.asdict(r).items() if k != "token_ids"} for r in rows]
+    summary = {"meta": meta, "tables": summarize_rows(rows, methods), "rows": row_dicts}
+    path = write_results(summary, args.out, args.tag or timestamp.strftime("%Y%m%d-%H%M%S"))
+    print(render_markdown(summary), file=sys.stderr)
+    print(f"wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
