@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
     from clasp.engine import Engine
+
+    hf_logging.disable_progress_bar()  # loading takes under a second; keep the terminal clean
 
     if args.threads:
         torch.set_num_threads(args.threads)
