@@ -11,8 +11,8 @@ Runs, side by side in one process on the same weights and the same prompt ids:
 
 All methods are greedy and stop at EOS or max-new-tokens, so every method's output should be
 the same text; `clasp` and `static` must emit exactly `ar`'s token ids (checked, counted).
-For each question the methods run one after another, so a load spike on a shared machine
-hits all of them rather than one. Results go to benchmarks/results/engine-<tag>.{json,md}
+For each question the methods run one after another, so a slow drift in machine load affects
+all methods alike (a short spike from another process still lands on one row: check the rows). Results go to benchmarks/results/engine-<tag>.{json,md}
 and benchmarks/results/engine-latest.md.
 
 Usage: PYTHONPATH=. python benchmarks/bench_engine.py [--per-category N | --full] [...]
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import transformers
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
@@ -55,9 +56,11 @@ MT_BENCH = frozenset({"writing", "roleplay", "reasoning", "math", "coding", "ext
 PROMPT_LOOKUP_TOKENS = 10
 WARMUP_PROMPT = "Say hello in one short sentence."
 WARMUP_TOKENS = 8
-# Quick default, measured budget: see build_parser's epilog.
+# Quick default, sized from measured per-token costs on the 2-core dev CPU (see build_parser's epilog):
+# per question and 96 tokens, all six methods take ~50 s on a short prompt and ~60-75 s on a
+# summarization/rag prompt (~700 tokens); hf_early_exit alone is about half of that.
 QUICK_PER_CATEGORY = 1
-QUICK_MAX_NEW_TOKENS = 128
+QUICK_MAX_NEW_TOKENS = 96
 
 
 @dataclasses.dataclass
@@ -275,16 +278,33 @@ def peak_rss_mib() -> float:
 
 
 def git_commit() -> str | None:
+    """HEAD's short hash, with "-dirty" when tracked files differ from it; None outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else what platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device: torch.device) -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"platform": platform.platform(), "processor": cpu_name(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "device": str(device),
             "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
@@ -293,6 +313,14 @@ def machine_info(device: torch.device) -> dict:
 # ---------------------------------------------------------------------- output
 def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _tokens_per_s_cell(aggregate_row: dict | None) -> str:
+    if aggregate_row is None:
+        return "-"  # method not run
+    if aggregate_row["tokens_per_s"] is None and aggregate_row.get("error"):
+        return "error"  # every question failed; the error is in the notes
+    return _fmt(aggregate_row["tokens_per_s"])
 
 
 def render_markdown(summary: dict) -> str:
@@ -312,15 +340,9 @@ def render_markdown(summary: dict) -> str:
                                                       "DP share"]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for name, table in tables.items():
-        def tps(method):
-            t = table.get(method)
-            if t is None:
-                return "-"
-            return "error" if t.get("error") and t["tokens_per_s"] is None else _fmt(t["tokens_per_s"])
-
         clasp, ar, hf = table.get("clasp", {}), table.get("ar", {}), table.get("hf_greedy", {})
         ar_hf = ar["tokens_per_s"] / hf["tokens_per_s"] if ar.get("tokens_per_s") and hf.get("tokens_per_s") else None
-        cells = [name] + [tps(k) for k, _ in columns] + [
+        cells = [name] + [_tokens_per_s_cell(table.get(k)) for k, _ in columns] + [
             _fmt(table["speedup_vs_ar"].get("clasp"), ".2f", "x"), _fmt(ar_hf, ".2f", "x"),
             _fmt(clasp.get("mean_accepted_length"), ".2f"), _fmt(clasp.get("skip_ratio"), ".0%"),
             _fmt(clasp.get("dp_share"), ".1%")]
@@ -332,11 +354,12 @@ def render_markdown(summary: dict) -> str:
 def _notes(summary: dict) -> str:
     meta, overall = summary["meta"], summary["tables"]["overall"]
     notes = []
-    for method in ("clasp", "static"):
-        t = overall.get(method)
-        if t and t["mismatches_vs_ar"] is not None:
-            notes.append(f"{method} token ids == ar: {t['num_questions'] - t['mismatches_vs_ar']}/{t['num_questions']} "
-                         f"questions ({t['mismatches_vs_ar']} mismatches)")
+    same = [f"{m} {t['num_questions'] - t['mismatches_vs_ar']}/{t['num_questions']}"
+            for m, t in overall.items() if m in ALL_METHODS and t.get("mismatches_vs_ar") is not None]
+    if same:
+        clasp_bad = overall.get("clasp", {}).get("mismatches_vs_ar")
+        notes.append("questions whose token ids equal ar's: " + ", ".join(same)
+                     + ("" if clasp_bad is None else f" (clasp mismatches: {clasp_bad})"))
     if overall.get("clasp", {}).get("acceptance_rate") is not None:
         notes.append(f"clasp acceptance rate {overall['clasp']['acceptance_rate']:.1%}")
     cfg = meta["config"]
@@ -344,7 +367,7 @@ def _notes(summary: dict) -> str:
                  f"exit threshold {cfg['draft_exit_threshold']}, replan every {cfg['replan_interval']} rounds, "
                  f"draft dtype {cfg['draft_dtype'] or 'shared weights'}; HF early exit at layer {meta['early_exit_layer']}, "
                  f"prompt lookup {PROMPT_LOOKUP_TOKENS} tokens")
-    errors = [f"{m}: {t['error']}" for m, t in overall.items() if isinstance(t, dict) and t.get("error")]
+    errors = [f"{m}: {t['error']}" for m, t in overall.items() if m in ALL_METHODS and t.get("error")]
     notes += [f"error {e}" for e in errors]
     notes.append(f"peak RSS {meta['peak_rss_mib']:.0f} MiB (process, both models loaded); "
                  f"wall time {meta['wall_seconds']:.0f} s")
@@ -371,9 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "math_reasoning, rag).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Quick default: --per-category {QUICK_PER_CATEGORY} --max-new-tokens {QUICK_MAX_NEW_TOKENS}, all six "
-               "methods: 6 questions x 6 methods x <=128 tokens. On a 2-core CPU (plain decoding ~65 ms/token) that is "
-               "~4-6 minutes including loading and warm-up; --per-category 2 doubles it. --full runs all 480 "
-               "questions (hours on a CPU).")
+               "methods (6 questions x 6 methods). From measured per-token costs on a 2-core CPU (plain decoding "
+               "~55-60 ms/token, hf_early_exit ~250-300 ms/token) that is ~6 minutes including loading and warm-up, "
+               "less when answers end at EOS, more when the CPU is shared. --max-new-tokens 128 takes ~7.5 minutes, "
+               "--per-category 2 ~11.5; --full runs all 480 questions (hours on a CPU). Results: benchmarks/results/engine-<tag>.{json,md} and engine-latest.md.")
     g = parser.add_argument_group("questions")
     g.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS,
                    help="Spec-Bench question.jsonl (default: ../shared/data/spec_bench/question.jsonl from the repo root)")
@@ -429,6 +453,8 @@ def parse_methods(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     methods = parse_methods(args.methods)
+    transformers.utils.logging.set_verbosity_error()  # keep stderr to the progress lines
+    transformers.utils.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()

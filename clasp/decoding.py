@@ -198,20 +198,55 @@ class _Output:
                 return
 
 
-def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: SamplingParams, config: ClaspConfig,
-             eos_ids: frozenset[int], initial_plan: LayerPlan | None = None) -> Iterator[Chunk]:
-    """Decode from prompt_ids; yields one Chunk per round, the last one with the result."""
-    started = time.perf_counter()
-    spec = runner.spec
+def self_speculative_step(runner: ModelRunner, cache: KVCache, token_id: int, position: int,
+                          skip_set: frozenset[int], num_draft: int, config: ClaspConfig, params: SamplingParams,
+                          generator: torch.Generator | None, stats: DecodeStats,
+                          collect_hidden: bool) -> tuple[list[int], RoundResult]:
+    """One round: draft up to num_draft tokens (0: a plain step), verify, accept. Returns the
+    emitted token ids (accepted drafts + the resampled/bonus token) and the round's result."""
+    t0 = time.perf_counter()
+    proposal = None
+    if num_draft > 0:
+        proposal = draft(runner, cache, token_id, position, skip_set, num_draft, config.draft_exit_threshold,
+                         params, generator)
+    t1 = time.perf_counter()
+    result = verify(runner, cache, token_id, position, proposal, params, generator, collect_hidden)
+    stats.draft_seconds += t1 - t0
+    stats.verify_seconds += time.perf_counter() - t1
+    drafted = [] if proposal is None else proposal.token_ids.tolist()
+    stats.observe_round(len(drafted), result.accepted_length)
+    return drafted[:result.accepted_length] + [result.next_token_id], result
+
+
+def _adopt(plan: LayerPlan, num_skip: int, step: int, plans: list[PlanRecord]) -> frozenset[int]:
+    """Use a DP plan; record it when it changes the skip set."""
+    skip_set = plan.skip_set(num_skip)
+    if not plans or plans[-1].skip_set != sorted(skip_set):
+        plans.append(PlanRecord(step, sorted(skip_set), plan.score(num_skip), plan.seconds))
+    return skip_set
+
+
+def _check_prompt(prompt_ids: list[int], spec) -> None:
     if not prompt_ids:
         raise ValueError("prompt is empty: it must contain at least one token")
     if len(prompt_ids) >= spec.max_context:
         raise ValueError(f"prompt has {len(prompt_ids)} tokens, the context window is {spec.max_context}")
-    max_new = min(params.max_new_tokens, spec.max_context - len(prompt_ids))
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=runner.device).manual_seed(params.seed)
+    if min(prompt_ids) < 0 or max(prompt_ids) >= spec.vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {spec.vocab_size})")
 
+
+def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: SamplingParams, config: ClaspConfig,
+             eos_ids: frozenset[int], initial_plan: LayerPlan | None = None) -> Iterator[Chunk]:
+    """Decode from prompt_ids; yields one Chunk per round, the last one with the result.
+
+    initial_plan (e.g. from an earlier turn of the conversation) replaces the plan that would
+    otherwise be made from the prompt.
+    """
+    started = time.perf_counter()
+    spec = runner.spec
+    _check_prompt(prompt_ids, spec)
+    max_new = min(params.max_new_tokens, spec.max_context - len(prompt_ids))
+    generator = None if params.seed is None else torch.Generator(device=runner.device).manual_seed(params.seed)
     stats, plans = DecodeStats(), []
     speculative = config.mode != "ar"
     num_skip = config.skip_count(spec.num_layers, runner.draft_has_copy) if speculative else 0
@@ -224,49 +259,31 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
     skip_set = frozenset()
     if config.mode == "static":
         skip_set = config.static_skips(spec.num_layers, runner.draft_has_copy)
-        plans.append(PlanRecord(0, sorted(skip_set), None, 0.0))
-    elif config.mode == "clasp" and not dynamic:
-        plans.append(PlanRecord(0, [], None, 0.0))
-    elif dynamic:
+    if dynamic:
         plan = initial_plan
         if plan is None:
             plan, _ = plan_layers(runner, cache, hidden, len(prompt_ids) - 1, num_skip)
             stats.observe_plan(plan.seconds)
-        skip_set = plan.skip_set(num_skip)
-        plans.append(PlanRecord(0, sorted(skip_set), plan.scores[min(num_skip, len(plan.scores) - 1)], plan.seconds))
+        skip_set = _adopt(plan, num_skip, 0, plans)
+    elif speculative:
+        plans.append(PlanRecord(0, sorted(skip_set), None, 0.0))
 
     token_id = select_token(logits, params, generator)
     position = len(prompt_ids)  # where token_id (emitted, not yet run) will be processed
     chunk = out.add([token_id])
     while out.finish_reason is None:
         yield chunk
-        remaining = max_new - len(out.token_ids)
-        num_draft = min(config.max_draft_length, remaining - 1) if speculative else 0
+        num_draft = min(config.max_draft_length, max_new - len(out.token_ids) - 1) if speculative else 0
         replan = dynamic and (stats.num_rounds + 1) % config.replan_interval == 0
-        t0 = time.perf_counter()
-        proposal = None
-        if num_draft > 0:
-            proposal = draft(runner, cache, token_id, position, skip_set, num_draft,
-                             config.draft_exit_threshold, params, generator)
-        t1 = time.perf_counter()
-        result = verify(runner, cache, token_id, position, proposal, params, generator, collect_hidden=replan)
-        t2 = time.perf_counter()
-        stats.draft_seconds += t1 - t0
-        stats.verify_seconds += t2 - t1
-        num_drafted = 0 if proposal is None else proposal.token_ids.shape[0]
-        stats.observe_round(num_drafted, result.accepted_length)
-        new_ids = ([] if proposal is None else proposal.token_ids[:result.accepted_length].tolist())
-        new_ids.append(result.next_token_id)
+        new_ids, result = self_speculative_step(runner, cache, token_id, position, skip_set, num_draft, config,
+                                                params, generator, stats, collect_hidden=replan)
         position += result.accepted_length + 1
         token_id = result.next_token_id
         if replan:
-            plan, _ = plan_layers(runner, cache, result.hidden, result.hidden_position, num_skip, step=stats.num_rounds)
+            plan, _ = plan_layers(runner, cache, result.hidden, result.hidden_position, num_skip,
+                                  step=stats.num_rounds)
             stats.observe_plan(plan.seconds)
-            new_set = plan.skip_set(num_skip)
-            if new_set != skip_set:
-                skip_set = new_set
-                plans.append(PlanRecord(stats.num_rounds, sorted(skip_set), plan.scores[min(num_skip, len(plan.scores) - 1)],
-                                        plan.seconds))
+            skip_set = _adopt(plan, num_skip, stats.num_rounds, plans)
         chunk = out.add(new_ids)
     chunk.result = GenerationResult(out.text, out.token_ids, out.finish_reason, len(prompt_ids), stats, plans,
                                     time.perf_counter() - started)

@@ -34,6 +34,9 @@ class LayerPlan:
     def skip_set(self, num_skip: int) -> frozenset[int]:
         return self.skip_sets[min(num_skip, len(self.skip_sets) - 1)]
 
+    def score(self, num_skip: int) -> float:
+        return self.scores[min(num_skip, len(self.scores) - 1)]
+
 
 def _run_dp(hidden: torch.Tensor, max_skip: int, apply_layer) -> tuple[list[torch.Tensor], list[frozenset[int]]]:
     """The DP driver. apply_layer(i, states [J, hidden]) -> layer i (0-based) applied to each row.

@@ -31,6 +31,11 @@ def test_prompt_longer_than_context_window(engine):
         next(engine.stream([1] * (window + 5), SamplingParams()))
 
 
+def test_out_of_range_token_ids(engine):
+    with pytest.raises(ValueError, match="prompt token ids must be in"):
+        next(engine.stream([1, engine.runner.spec.vocab_size], SamplingParams()))
+
+
 @pytest.mark.parametrize("limit", [0, -3])
 def test_max_new_tokens_must_be_positive(limit):
     with pytest.raises(ValueError, match="max_new_tokens must be > 0"):
