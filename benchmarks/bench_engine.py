@@ -4,13 +4,15 @@ Runs, side by side in one process on the same weights and the same prompt ids:
 
   clasp             our engine, mode="clasp" (DP-planned skip sets)
   ar                our engine, mode="ar" (plain autoregressive decoding, the baseline)
-  static            our engine, mode="static" (one fixed skip set)
+  clasp_shared      our engine, mode="clasp" with the draft on the shared full-precision weights
+                    and M = half the layers: the paper's regime, where the DP does the work
+  static            our engine, mode="static" (one fixed skip set; not run by default)
   hf_greedy         transformers model.generate(do_sample=False)
   hf_prompt_lookup  transformers generate(prompt_lookup_num_tokens=10)
   hf_early_exit     transformers generate(assistant_early_exit=~L/2) (self-speculative early exit)
 
 All methods are greedy and stop at EOS or max-new-tokens, so every method's output should be
-the same text; `clasp` and `static` must emit exactly `ar`'s token ids (checked, counted).
+the same text; our engine's modes must emit exactly `ar`'s token ids (checked, counted).
 For each question the methods run one after another, so a slow drift in machine load affects
 all methods alike (a short spike from another process still lands on one row: check the rows). Results go to benchmarks/results/engine-<tag>.{json,md}
 and benchmarks/results/engine-latest.md.
@@ -47,9 +49,10 @@ from clasp.loading import load_model, resolve_device, resolve_dtype  # noqa: E40
 
 DEFAULT_QUESTIONS = REPO.parent / "shared/data/spec_bench/question.jsonl"
 DEFAULT_OUT = REPO / "benchmarks" / "results"
-ENGINE_METHODS = ("clasp", "ar", "static")
+ENGINE_METHODS = ("clasp", "ar", "clasp_shared", "static")
 HF_METHODS = ("hf_greedy", "hf_prompt_lookup", "hf_early_exit")
-ALL_METHODS = ("ar", "clasp", "static") + HF_METHODS  # run order within a question: ar first
+ALL_METHODS = ("ar", "clasp", "clasp_shared", "static") + HF_METHODS  # run order within a question: ar first
+DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "static")
 # Spec-Bench's six categories; the eight MT-bench categories are reported as one.
 CATEGORIES = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 MT_BENCH = frozenset({"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"})
@@ -139,7 +142,10 @@ def skip_ratio(plans, num_rounds: int, num_layers: int) -> float:
 
 def engine_runner(engine: Engine, config: ClaspConfig, mode: str) -> Callable[[list[int], int], dict]:
     """A function (prompt ids, max new tokens) -> row fields, for one mode of our engine."""
-    mode_config = dataclasses.replace(config, mode=mode)
+    if mode == "clasp_shared":
+        mode_config = dataclasses.replace(config, mode="clasp", draft_dtype=None)
+    else:
+        mode_config = dataclasses.replace(config, mode=mode)
     num_layers = engine.runner.spec.num_layers
 
     def run(prompt_ids: list[int], max_new_tokens: int) -> dict:
@@ -332,20 +338,22 @@ def render_markdown(summary: dict) -> str:
              f"{m['device']}{', ' + m['cuda_device'] if m.get('cuda_device') else ''}), model {meta['model']}, "
              f"{meta['dtype']}, commit {meta['git_commit'] or 'unknown'}, max new tokens {meta['max_new_tokens']}, "
              f"questions per category: {meta['questions_per_category']}, greedy, {meta['timestamp']}.", ""]
-    columns = [("clasp", "clasp tok/s"), ("ar", "ar tok/s"), ("hf_greedy", "HF greedy tok/s"),
-               ("hf_prompt_lookup", "HF prompt-lookup tok/s"), ("hf_early_exit", "HF early-exit tok/s"),
-               ("static", "static tok/s")]
-    columns = [(k, title) for k, title in columns if k in methods or k != "static"]
-    header = ["Category"] + [t for _, t in columns] + ["clasp/ar", "ar/HF", "mean accepted length", "skip ratio",
-                                                      "DP share"]
+    columns = [("clasp", "clasp tok/s"), ("clasp_shared", "clasp shared-weights tok/s"), ("ar", "ar tok/s"),
+               ("hf_greedy", "HF greedy tok/s"), ("hf_prompt_lookup", "HF prompt-lookup tok/s"),
+               ("hf_early_exit", "HF early-exit tok/s"), ("static", "static tok/s")]
+    columns = [(k, title) for k, title in columns if k in methods]
+    header = ["Category"] + [t for _, t in columns] + [
+        "clasp/ar", "shared/ar", "ar/HF", "accepted length (clasp / shared)", "skip ratio (shared)", "DP share (shared)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for name, table in tables.items():
-        clasp, ar, hf = table.get("clasp", {}), table.get("ar", {}), table.get("hf_greedy", {})
+        clasp, shared = table.get("clasp", {}), table.get("clasp_shared", {})
+        ar, hf = table.get("ar", {}), table.get("hf_greedy", {})
         ar_hf = ar["tokens_per_s"] / hf["tokens_per_s"] if ar.get("tokens_per_s") and hf.get("tokens_per_s") else None
         cells = [name] + [_tokens_per_s_cell(table.get(k)) for k, _ in columns] + [
-            _fmt(table["speedup_vs_ar"].get("clasp"), ".2f", "x"), _fmt(ar_hf, ".2f", "x"),
-            _fmt(clasp.get("mean_accepted_length"), ".2f"), _fmt(clasp.get("skip_ratio"), ".0%"),
-            _fmt(clasp.get("dp_share"), ".1%")]
+            _fmt(table["speedup_vs_ar"].get("clasp"), ".2f", "x"),
+            _fmt(table["speedup_vs_ar"].get("clasp_shared"), ".2f", "x"), _fmt(ar_hf, ".2f", "x"),
+            f"{_fmt(clasp.get('mean_accepted_length'), '.2f')} / {_fmt(shared.get('mean_accepted_length'), '.2f')}",
+            _fmt(shared.get("skip_ratio"), ".0%"), _fmt(shared.get("dp_share"), ".1%")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", _notes(summary)]
     return "\n".join(lines) + "\n"
@@ -406,8 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--full", action="store_true", help="run every question (overrides --per-category)")
     g.add_argument("--max-new-tokens", type=int, default=QUICK_MAX_NEW_TOKENS,
                    help=f"new tokens per answer at most; every method also stops at EOS (default: {QUICK_MAX_NEW_TOKENS})")
-    g.add_argument("--methods", default=",".join(ALL_METHODS),
-                   help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all). 'ar' is the baseline "
+    g.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all but static). 'ar' is the baseline "
                         "for speedups and token-id equality; without it those columns are n/a")
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None,

@@ -94,17 +94,18 @@ def select_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 
 def draft(runner: ModelRunner, cache: KVCache, token_id: int, position: int, skip_set: frozenset[int],
           max_tokens: int, exit_threshold: float, params: SamplingParams,
-          generator: torch.Generator | None) -> Proposal:
+          generator: torch.Generator | None, use_copy: bool = True) -> Proposal:
     """Draft up to max_tokens tokens after token_id (at `position`) with the layer-skipped model.
 
     Stops early once the draft's top probability falls below exit_threshold (the token that
     fell below is still proposed: verifying it costs one row, and it is often right).
+    use_copy: run on the runner's reduced-precision draft weights (if it has them).
     """
     device = runner.device
     current = torch.tensor([token_id], device=device)
     drafted, probs = [], []
     for k in range(max_tokens):
-        logits = runner.forward(current, cache, position + k, skip_set, draft=True)  # [1, vocab]
+        logits = runner.forward(current, cache, position + k, skip_set, draft=use_copy)  # [1, vocab]
         if params.greedy:
             confidence, current = torch.softmax(logits, dim=-1).max(dim=-1)
         else:
@@ -208,7 +209,7 @@ def self_speculative_step(runner: ModelRunner, cache: KVCache, token_id: int, po
     proposal = None
     if num_draft > 0:
         proposal = draft(runner, cache, token_id, position, skip_set, num_draft, config.draft_exit_threshold,
-                         params, generator)
+                         params, generator, use_copy=config.draft_dtype is not None)
     t1 = time.perf_counter()
     result = verify(runner, cache, token_id, position, proposal, params, generator, collect_hidden)
     stats.draft_seconds += t1 - t0
@@ -249,7 +250,9 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
     generator = None if params.seed is None else torch.Generator(device=runner.device).manual_seed(params.seed)
     stats, plans = DecodeStats(), []
     speculative = config.mode != "ar"
-    num_skip = config.skip_count(spec.num_layers, runner.draft_has_copy) if speculative else 0
+    # The draft copy is made at load; a request with draft_dtype None drafts on the shared weights.
+    draft_has_copy = runner.draft_has_copy and config.draft_dtype is not None
+    num_skip = config.skip_count(spec.num_layers, draft_has_copy) if speculative else 0
     dynamic = config.mode == "clasp" and num_skip > 0  # with M = 0 the DP has nothing to choose
     cache = runner.new_cache(len(prompt_ids) + max_new)
     out = _Output(tokenizer, params, eos_ids, max_new)
@@ -258,7 +261,7 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
                              collect_hidden=dynamic and initial_plan is None)
     skip_set = frozenset()
     if config.mode == "static":
-        skip_set = config.static_skips(spec.num_layers, runner.draft_has_copy)
+        skip_set = config.static_skips(spec.num_layers, draft_has_copy)
     if dynamic:
         plan = initial_plan
         if plan is None:
