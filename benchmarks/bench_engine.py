@@ -494,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
             "num_skip_layers": config.skip_count(num_layers, engine.runner.draft_has_copy),
             "early_exit_layer": early_exit_layer, "prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS,
             "warmup_errors": broken, "peak_rss_mib": peak_rss_mib(),
+            "weights_mib": engine.runner.weights.nbytes() / 2**20,
+            "draft_copy_mib": (engine.runner.draft_weights.nbytes() / 2**20 if engine.runner.draft_has_copy else 0.0),
             "wall_seconds": time.perf_counter() - started}
     row_dicts = [{k: v for k, v in dataclasses.asdict(r).items() if k != "token_ids"} for r in rows]
     summary = {"meta": meta, "tables": summarize_rows(rows, methods), "rows": row_dicts}
