@@ -16,7 +16,8 @@ import torch
 from clasp.config import ClaspConfig, SamplingParams
 from clasp.kv_cache import KVCache
 from clasp.model_runner import ModelRunner
-from clasp.planner import LayerPlan, plan_layers
+from clasp.plan_exchange import LocalPlanner, PlanExchange, PlanInput
+from clasp.planner import LayerPlan
 from clasp.stats import DecodeStats
 from clasp.verify import logits_to_probs, rejection_sample, sample, verify_greedy
 
@@ -237,11 +238,14 @@ def _check_prompt(prompt_ids: list[int], spec) -> None:
 
 
 def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: SamplingParams, config: ClaspConfig,
-             eos_ids: frozenset[int], initial_plan: LayerPlan | None = None) -> Iterator[Chunk]:
+             eos_ids: frozenset[int], initial_plan: LayerPlan | None = None,
+             plan_exchange: PlanExchange | None = None) -> Iterator[Chunk]:
     """Decode from prompt_ids; yields one Chunk per round, the last one with the result.
 
-    initial_plan (e.g. from an earlier turn of the conversation) replaces the plan that would
-    otherwise be made from the prompt.
+    initial_plan (e.g. from an earlier turn of the conversation) is used from the start.
+    plan_exchange: where re-plan requests go and new plans come from, without waiting
+    (default: plan synchronously in-process). Until a first plan arrives, clasp mode drafts
+    with the static default skip set.
     """
     started = time.perf_counter()
     spec = runner.spec
@@ -255,21 +259,21 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
     num_skip = config.skip_count(spec.num_layers, draft_has_copy) if speculative else 0
     dynamic = config.mode == "clasp" and num_skip > 0  # with M = 0 the DP has nothing to choose
     cache = runner.new_cache(len(prompt_ids) + max_new)
+    exchange = plan_exchange or LocalPlanner(runner, cache)
     out = _Output(tokenizer, params, eos_ids, max_new)
 
     logits, hidden = prefill(runner, cache, torch.tensor(prompt_ids, device=runner.device),
                              collect_hidden=dynamic and initial_plan is None)
-    skip_set = frozenset()
-    if config.mode == "static":
-        skip_set = config.static_skips(spec.num_layers, draft_has_copy)
+    skip_set = config.static_skips(spec.num_layers, draft_has_copy) if speculative else frozenset()
     if dynamic:
-        plan = initial_plan
-        if plan is None:
-            plan, _ = plan_layers(runner, cache, hidden, len(prompt_ids) - 1, num_skip)
-            stats.observe_plan(plan.seconds)
-        skip_set = _adopt(plan, num_skip, 0, plans)
-    elif speculative:
-        plans.append(PlanRecord(0, sorted(skip_set), None, 0.0))
+        if initial_plan is not None:
+            skip_set = _adopt(initial_plan, num_skip, 0, plans)
+        else:
+            exchange.submit(PlanInput(0, hidden, len(prompt_ids) - 1, list(prompt_ids), num_skip))
+    if speculative and not plans:
+        skip_set = _poll(exchange, skip_set, num_skip, 0, plans, stats) if dynamic else skip_set
+        if not plans:
+            plans.append(PlanRecord(0, sorted(skip_set), None, 0.0))
 
     token_id = select_token(logits, params, generator)
     position = len(prompt_ids)  # where token_id (emitted, not yet run) will be processed
@@ -280,14 +284,24 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
         replan = dynamic and (stats.num_rounds + 1) % config.replan_interval == 0
         new_ids, result = self_speculative_step(runner, cache, token_id, position, skip_set, num_draft, config,
                                                 params, generator, stats, collect_hidden=replan)
+        chunk = out.add(new_ids)
         position += result.accepted_length + 1
         token_id = result.next_token_id
-        if replan:
-            plan, _ = plan_layers(runner, cache, result.hidden, result.hidden_position, num_skip,
-                                  step=stats.num_rounds)
-            stats.observe_plan(plan.seconds)
-            skip_set = _adopt(plan, num_skip, stats.num_rounds, plans)
-        chunk = out.add(new_ids)
+        if replan and out.finish_reason is None:  # a finished request has nothing left to plan for
+            context = (prompt_ids + out.token_ids)[:result.hidden_position + 1]
+            exchange.submit(PlanInput(stats.num_rounds, result.hidden, result.hidden_position, context, num_skip))
+        if dynamic:
+            skip_set = _poll(exchange, skip_set, num_skip, stats.num_rounds, plans, stats)
     chunk.result = GenerationResult(out.text, out.token_ids, out.finish_reason, len(prompt_ids), stats, plans,
                                     time.perf_counter() - started)
     yield chunk
+
+
+def _poll(exchange: PlanExchange, skip_set: frozenset[int], num_skip: int, step: int, plans: list[PlanRecord],
+          stats: DecodeStats) -> frozenset[int]:
+    """Adopt the newest plan if one arrived; otherwise keep the current skip set."""
+    plan = exchange.poll()
+    if plan is None:
+        return skip_set
+    stats.observe_plan(plan.seconds)
+    return _adopt(plan, num_skip, step, plans)

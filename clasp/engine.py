@@ -11,6 +11,7 @@ from clasp.config import ClaspConfig, SamplingParams
 from clasp.decoding import Chunk, GenerationResult, generate
 from clasp.loading import load_model, model_identity, resolve_device, resolve_dtype
 from clasp.model_runner import ModelRunner
+from clasp.plan_exchange import PlanExchange
 from clasp.planner import LayerPlan
 
 
@@ -60,9 +61,9 @@ class Engine:
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, config: ClaspConfig | None = None,
-               initial_plan: LayerPlan | None = None) -> Iterator[Chunk]:
+               initial_plan: LayerPlan | None = None, plan_exchange: PlanExchange | None = None) -> Iterator[Chunk]:
         return generate(self.runner, self.tokenizer, prompt_ids, params, config or self.config, self.eos_ids,
-                        initial_plan)
+                        initial_plan, plan_exchange)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, config: ClaspConfig | None = None) -> GenerationResult:
         result = None

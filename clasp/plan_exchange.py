@@ -1,0 +1,147 @@
+"""How the decode loop gets its layer plans: a small non-blocking interface.
+
+The decoder hands re-plan requests over with `submit` and picks up the newest plan with `poll`
+between verification rounds; neither call may wait for planning. `LocalPlanner` plans
+synchronously on the decoder's own cache (the in-process engine); the decoder service plugs
+in one that goes through Redis to the planner service. `SessionContexts` is the planner
+side: it rebuilds each session's attention context from token ids and runs the DP on it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Protocol
+
+import safetensors.torch
+import torch
+
+from clasp.kv_cache import KVCache
+from clasp.model_runner import ModelRunner
+from clasp.planner import LayerPlan, plan_layers
+
+
+@dataclasses.dataclass
+class PlanInput:
+    """What a planner needs to re-plan at verification round `step`."""
+
+    step: int
+    hidden: torch.Tensor  # [L+1, hidden], the full model's h_0..h_L of the last accepted token
+    position: int  # that token's position
+    token_ids: list[int]  # the tokens at positions 0..position (context plus the token itself)
+    max_skip: int  # plan skip sets for j = 0..max_skip
+
+
+class PlanExchange(Protocol):
+    def submit(self, request: PlanInput) -> None:
+        """Hand a re-plan request over. Must not wait for the plan."""
+
+    def poll(self) -> LayerPlan | None:
+        """The newest plan not returned before, or None. Must not wait."""
+
+
+class LocalPlanner:
+    """Plans synchronously in-process, on the decoder's own KV cache (no context rebuild)."""
+
+    def __init__(self, runner: ModelRunner, cache: KVCache) -> None:
+        self.runner = runner
+        self.cache = cache
+        self._plan: LayerPlan | None = None
+
+    def submit(self, request: PlanInput) -> None:
+        self._plan, _ = plan_layers(self.runner, self.cache, request.hidden, request.position, request.max_skip,
+                                    step=request.step)
+
+    def poll(self) -> LayerPlan | None:
+        plan, self._plan = self._plan, None
+        return plan
+
+
+@dataclasses.dataclass
+class _Context:
+    cache: KVCache
+    token_ids: list[int]  # tokens whose full-model KV the cache holds, positions 0..len-1
+
+
+class SessionContexts:
+    """The planner's per-session attention contexts, least recently used evicted first.
+
+    A request carries the session's token ids; only the part that differs from what the
+    session's cache already holds is prefilled (a conversation's next re-plan typically adds
+    LOI rounds' worth of tokens).
+    """
+
+    def __init__(self, runner: ModelRunner, max_sessions: int) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        self.runner = runner
+        self.max_sessions = max_sessions
+        self._contexts: collections.OrderedDict[str, _Context] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._contexts)
+
+    def plan(self, session_id: str, request: PlanInput) -> LayerPlan:
+        spec = self.runner.spec
+        if request.hidden.shape != (spec.num_layers + 1, spec.hidden_size):
+            raise ValueError(f"hidden states have shape {tuple(request.hidden.shape)}, "
+                             f"expected {(spec.num_layers + 1, spec.hidden_size)}")
+        if len(request.token_ids) != request.position + 1:
+            raise ValueError(f"token_ids has {len(request.token_ids)} tokens, expected position + 1 = "
+                             f"{request.position + 1}")
+        if not 0 <= request.max_skip < spec.num_layers:
+            raise ValueError(f"max_skip must be in [0, {spec.num_layers}), got {request.max_skip}")
+        context = self._context_for(session_id, request.position + 1)
+        self._extend(context, request.token_ids[:request.position])
+        hidden = request.hidden.to(device=self.runner.device, dtype=self.runner.dtype)
+        plan, _ = plan_layers(self.runner, context.cache, hidden, request.position, request.max_skip,
+                              step=request.step)
+        return plan
+
+    def _context_for(self, session_id: str, length: int) -> _Context:
+        context = self._contexts.pop(session_id, None)
+        if context is None or context.cache.max_length < length:
+            capacity = min(self.runner.spec.max_context, max(256, 1 << (length - 1).bit_length()))
+            if length > capacity:
+                raise ValueError(f"context of {length} tokens exceeds the context window {capacity}")
+            grown = _Context(self.runner.new_cache(capacity), [])
+            if context is not None:  # keep what the old cache holds
+                n = len(context.token_ids)
+                for layer in range(self.runner.spec.num_layers):
+                    grown.cache.keys[layer][:, :, :n] = context.cache.keys[layer][:, :, :n]
+                    grown.cache.values[layer][:, :, :n] = context.cache.values[layer][:, :, :n]
+                grown.token_ids = context.token_ids
+            context = grown
+        self._contexts[session_id] = context
+        while len(self._contexts) > self.max_sessions:
+            self._contexts.popitem(last=False)
+        return context
+
+    def _extend(self, context: _Context, token_ids: list[int]) -> None:
+        """Make the cache hold exactly token_ids, prefilling from the first difference."""
+        held = context.token_ids
+        common = 0
+        limit = min(len(held), len(token_ids))
+        while common < limit and held[common] == token_ids[common]:
+            common += 1
+        if common < len(token_ids):
+            self.runner.forward(torch.tensor(token_ids[common:], device=self.runner.device), context.cache, common,
+                                last_only=True)
+        context.cache.truncate(len(token_ids))
+        context.token_ids = list(token_ids)
+
+
+def encode_tensor(tensor: torch.Tensor) -> bytes:
+    """safetensors bytes of one tensor (the format hidden states cross process boundaries in)."""
+    return safetensors.torch.save({"tensor": tensor.detach().contiguous().cpu()})
+
+
+def decode_tensor(data: bytes) -> torch.Tensor:
+    """The tensor from encode_tensor; raises ValueError on anything else."""
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own error types for malformed input
+        raise ValueError(f"malformed safetensors payload: {e}") from None
+    if set(tensors) != {"tensor"}:
+        raise ValueError(f"safetensors payload must hold one tensor named 'tensor', got {sorted(tensors)}")
+    return tensors["tensor"]
