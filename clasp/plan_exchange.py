@@ -21,6 +21,21 @@ from clasp.model_runner import ModelRunner
 from clasp.planner import LayerPlan, plan_layers
 
 
+# Where plans are exchanged (names only: the services own the Redis code). The hash tag {..}
+# keeps a session's keys in one cluster slot.
+PLAN_REQUEST_STREAM = "clasp:plan-requests"
+PLAN_NOTIFY_CHANNEL = "clasp:plans"
+PLANNER_GROUP = "planners"
+
+
+def plan_key(session_id: str) -> str:
+    return f"clasp:{{{session_id}}}:plan"
+
+
+def plan_version_key(session_id: str) -> str:
+    return f"clasp:{{{session_id}}}:plan-version"
+
+
 @dataclasses.dataclass
 class PlanInput:
     """What a planner needs to re-plan at verification round `step`."""

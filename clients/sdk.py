@@ -1,0 +1,187 @@
+"""clasp-serve client SDK: streams tokens from the decoder and returns the final statistics.
+
+Retries are made only where they are safe: a stream that fails with UNAVAILABLE or
+RESOURCE_EXHAUSTED before the server sent anything is started again (nothing was generated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import AsyncIterator, Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clasp_serve.v1 import clasp_pb2 as pb
+from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
+
+MODES = {"ar": pb.SPECULATION_MODE_AR, "clasp": pb.SPECULATION_MODE_CLASP, "static": pb.SPECULATION_MODE_STATIC}
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # stop, length, stop_string, cancelled, aborted
+    request_id: str
+    num_prompt_tokens: int
+    stats: dict
+
+
+def build_request(prompt: str | None = None, messages: Sequence[dict] | None = None, *, session_id: str = "",
+                  request_id: str = "", max_new_tokens: int = 0, temperature: float | None = None,
+                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                  stop: Sequence[str] = (), mode: str | None = None, replan_interval: int | None = None,
+                  num_skip_layers: int | None = None, max_draft_length: int | None = None,
+                  raw_prompt: bool = False) -> pb.GenerateRequest:
+    """A GenerateRequest from keyword arguments; None leaves the server's default."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt or messages")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}")
+    req = pb.GenerateRequest(session_id=session_id, request_id=request_id, max_new_tokens=max_new_tokens,
+                             stop=list(stop), raw_prompt=raw_prompt)
+    if prompt is not None:
+        req.prompt = prompt
+    else:
+        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+        if value is not None:
+            setattr(req.sampling, name, value)
+    if mode is not None:
+        req.speculation.mode = MODES[mode]
+    for name, value in (("replan_interval", replan_interval), ("num_skip_layers", num_skip_layers),
+                        ("max_draft_length", max_draft_length)):
+        if value is not None:
+            setattr(req.speculation, name, value)
+    return req
+
+
+def _finish_name(value: int) -> str:
+    return pb.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.text, self.token_ids, self.final = [], [], None
+
+    def add(self, message: pb.GenerateResponse) -> None:
+        self.text.append(message.text)
+        self.token_ids.extend(message.token_ids)
+        if message.finish_reason:
+            self.final = message
+
+    def completion(self) -> Completion:
+        from google.protobuf.json_format import MessageToDict
+
+        f = self.final
+        stats = MessageToDict(f.stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        stats["plan_versions"] = [int(v) for v in stats["plan_versions"]]  # uint64 arrives as strings
+        return Completion("".join(self.text), self.token_ids, _finish_name(f.finish_reason), f.request_id,
+                          f.num_prompt_tokens, stats)
+
+
+class ClaspClient:
+    """Blocking client. Use as a context manager, or call close()."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", retries: int = 2, retry_backoff_s: float = 0.2) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.DecoderStub(self.channel)
+        self.retries = retries
+        self.retry_backoff_s = retry_backoff_s
+
+    def __enter__(self) -> "ClaspClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Block until the decoder reports SERVING; TimeoutError after timeout_s."""
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"decoder not serving after {timeout_s} s")
+            time.sleep(0.1)
+
+    def stream(self, request: pb.GenerateRequest, timeout_s: float | None = None) -> Iterator[pb.GenerateResponse]:
+        """Stream the raw responses; the last one carries finish_reason and stats."""
+        for attempt in range(self.retries + 1):
+            received = False
+            try:
+                for message in self.stub.Generate(request, timeout=timeout_s):
+                    received = True
+                    yield message
+                return
+            except grpc.RpcError as e:
+                if received or e.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+                time.sleep(self.retry_backoff_s * 2 ** attempt)
+
+    def generate(self, prompt: str | None = None, messages: Sequence[dict] | None = None, *,
+                 timeout_s: float | None = None, on_text=None, **options) -> Completion:
+        collector = _Collector()
+        for message in self.stream(build_request(prompt, messages, **options), timeout_s):
+            collector.add(message)
+            if on_text and message.text:
+                on_text(message.text)
+        return collector.completion()
+
+    def abort(self, request_id: str) -> bool:
+        return self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=5.0).found
+
+
+class AsyncClaspClient:
+    """asyncio client. Use as an async context manager, or await close()."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", retries: int = 2, retry_backoff_s: float = 0.2) -> None:
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.DecoderStub(self.channel)
+        self.retries = retries
+        self.retry_backoff_s = retry_backoff_s
+
+    async def __aenter__(self) -> "AsyncClaspClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def stream(self, request: pb.GenerateRequest,
+                     timeout_s: float | None = None) -> AsyncIterator[pb.GenerateResponse]:
+        for attempt in range(self.retries + 1):
+            received = False
+            try:
+                async for message in self.stub.Generate(request, timeout=timeout_s):
+                    received = True
+                    yield message
+                return
+            except grpc.aio.AioRpcError as e:
+                if received or e.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+                await asyncio.sleep(self.retry_backoff_s * 2 ** attempt)
+
+    async def generate(self, prompt: str | None = None, messages: Sequence[dict] | None = None, *,
+                       timeout_s: float | None = None, **options) -> Completion:
+        collector = _Collector()
+        async for message in self.stream(build_request(prompt, messages, **options), timeout_s):
+            collector.add(message)
+        return collector.completion()
+
+    async def abort(self, request_id: str) -> bool:
+        return (await self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=5.0)).found

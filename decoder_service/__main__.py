@@ -1,0 +1,125 @@
+"""python -m decoder_service: the gRPC decoder. Every flag also reads a CLASP_* environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+
+import grpc
+import redis
+import structlog
+import torch
+from prometheus_client import CollectorRegistry, start_http_server
+
+from clasp.config import ClaspConfig
+from clasp.engine import Engine
+from clasp_serve.v1 import clasp_pb2
+from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
+from decoder_service.grpc_common import ErrorInterceptor, add_health_and_reflection, configure_logging, set_serving
+from decoder_service.metrics import DecoderMetrics
+from decoder_service.plan_bus import PlanBus
+from decoder_service.server import DecoderServicer
+
+SERVICE = clasp_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
+log = structlog.get_logger("decoder")
+
+
+def env(name: str, default=None):
+    return os.environ.get(f"CLASP_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ClaspConfig()
+    p = argparse.ArgumentParser(prog="python -m decoder_service", description=(
+        "CLaSp decoder: streams generations over gRPC (clasp.v1.Decoder), drafting with a layer-skipped copy "
+        "of the model; publishes re-plan requests to Redis and adopts the planner's plans without waiting."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="listen address [CLASP_HOST]")
+    p.add_argument("--port", type=int, default=int(env("DECODER_PORT", 50051)), help="gRPC port [CLASP_DECODER_PORT]")
+    p.add_argument("--metrics-port", type=int, default=int(env("DECODER_METRICS_PORT", 9091)),
+                   help="Prometheus HTTP port, 0 to disable [CLASP_DECODER_METRICS_PORT]")
+    p.add_argument("--redis-url", default=env("REDIS_URL", ""),
+                   help="Redis for plans, e.g. redis://localhost:6379/0; empty: plan in-process [CLASP_REDIS_URL]")
+    p.add_argument("--model", default=env("MODEL") or None, help="local HF model directory; default: embedded [CLASP_MODEL]")
+    p.add_argument("--device", default=env("DEVICE", "auto"), help="cpu, cuda or auto [CLASP_DEVICE]")
+    p.add_argument("--dtype", default=env("DTYPE", "auto"), help="float32, bfloat16, float16 or auto [CLASP_DTYPE]")
+    p.add_argument("--threads", type=int, default=int(env("THREADS", 0)), help="torch CPU threads, 0: torch's choice [CLASP_THREADS]")
+    p.add_argument("--max-concurrent", type=int, default=int(env("MAX_CONCURRENT", 2)),
+                   help="streams decoding at once [CLASP_MAX_CONCURRENT]")
+    p.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", 16)),
+                   help="streams waiting for a slot before RESOURCE_EXHAUSTED [CLASP_MAX_QUEUE]")
+    p.add_argument("--grace-period-s", type=float, default=float(env("GRACE_PERIOD_S", 20)),
+                   help="on SIGTERM, time in-flight streams get to finish [CLASP_GRACE_PERIOD_S]")
+    p.add_argument("--max-new-tokens", type=int, default=int(env("MAX_NEW_TOKENS", 256)),
+                   help="default when a request sets none [CLASP_MAX_NEW_TOKENS]")
+    p.add_argument("--mode", default=env("MODE", d.mode), choices=["ar", "clasp", "static"], help="default mode [CLASP_MODE]")
+    p.add_argument("--num-skip-layers", type=int, default=env("NUM_SKIP_LAYERS"), help="default M [CLASP_NUM_SKIP_LAYERS]")
+    p.add_argument("--replan-interval", type=int, default=int(env("REPLAN_INTERVAL", d.replan_interval)),
+                   help="default LOI [CLASP_REPLAN_INTERVAL]")
+    p.add_argument("--max-draft-length", type=int, default=int(env("MAX_DRAFT_LENGTH", d.max_draft_length)),
+                   help="default K [CLASP_MAX_DRAFT_LENGTH]")
+    p.add_argument("--draft-dtype", default=env("DRAFT_DTYPE", d.draft_dtype),
+                   help="draft weight copy dtype, 'none' to share [CLASP_DRAFT_DTYPE]")
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[CLASP_LOG_LEVEL]")
+    return p
+
+
+def redis_client(url: str) -> redis.Redis:
+    password = env("REDIS_PASSWORD") or None
+    return redis.Redis.from_url(url, password=password, socket_timeout=1.0, socket_connect_timeout=1.0,
+                                health_check_interval=10)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    registry = CollectorRegistry()
+    metrics = DecoderMetrics(registry)
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.host, registry=registry)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    health = add_health_and_reflection(server, [SERVICE])
+    servicer = DecoderServicer(metrics, args.max_concurrent, args.max_queue, args.max_new_tokens)
+    pb_grpc.add_DecoderServicer_to_server(servicer, server)
+    await set_serving(health, [SERVICE], False)
+    bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    log.info("listening; loading model", port=bound, model=args.model or "embedded")
+
+    config = ClaspConfig(mode=args.mode, num_skip_layers=None if args.num_skip_layers is None else int(args.num_skip_layers),
+                         replan_interval=args.replan_interval, max_draft_length=args.max_draft_length,
+                         draft_dtype=None if args.draft_dtype in (None, "none") else args.draft_dtype)
+    engine = await asyncio.to_thread(Engine.load, args.model, config, args.device, args.dtype)
+    bus = None
+    if args.redis_url:
+        bus = PlanBus(redis_client(args.redis_url), engine.identity, engine.runner.spec.num_layers, metrics=metrics)
+        bus.start()
+    servicer.attach(engine, bus)
+    await asyncio.to_thread(servicer.warm_up)
+    await set_serving(health, [SERVICE], True)
+    log.info("serving", model=engine.identity, redis=bool(bus))
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("draining", grace_period_s=args.grace_period_s)
+    await set_serving(health, [SERVICE], False)  # probes see it before admission stops
+    servicer.draining = True
+    await server.stop(args.grace_period_s)
+    if bus is not None:
+        bus.stop()
+    log.info("stopped")
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    configure_logging(args.log_level)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

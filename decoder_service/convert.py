@@ -1,0 +1,95 @@
+"""Protobuf <-> engine conversions for the decoder. Every ValueError names the request field."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+from clasp.config import ClaspConfig, SamplingParams
+from clasp.decoding import GenerationResult
+from clasp.engine import Engine
+from clasp_serve.v1 import clasp_pb2 as pb
+
+MODES = {pb.SPECULATION_MODE_AR: "ar", pb.SPECULATION_MODE_CLASP: "clasp", pb.SPECULATION_MODE_STATIC: "static"}
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+          "stop_string": pb.FINISH_REASON_STOP_STRING, "cancelled": pb.FINISH_REASON_CANCELLED,
+          "aborted": pb.FINISH_REASON_ABORTED}
+MAX_ID_LENGTH = 128
+
+
+@dataclasses.dataclass
+class DecodeRequest:
+    request_id: str
+    session_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    config: ClaspConfig
+
+
+def _field(name: str, fn):
+    try:
+        return fn()
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def _check_id(name: str, value: str) -> str:
+    if len(value) > MAX_ID_LENGTH or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"{name} must be at most {MAX_ID_LENGTH} printable characters without spaces")
+    return value
+
+
+def request_from_pb(req: pb.GenerateRequest, engine: Engine, defaults: ClaspConfig,
+                    default_max_new_tokens: int) -> DecodeRequest:
+    request_id = _check_id("request_id", req.request_id) or uuid.uuid4().hex
+    session_id = _check_id("session_id", req.session_id)
+    which = req.WhichOneof("input")
+    if which is None:
+        raise ValueError("prompt: give a prompt or chat messages")
+    if which == "prompt":
+        prompt_ids = _field("prompt", lambda: engine.encode(req.prompt, chat=not req.raw_prompt))
+    else:
+        messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
+        prompt_ids = _field("chat.messages", lambda: engine.encode(messages=messages))
+    s = req.sampling
+    params = _field("sampling", lambda: SamplingParams(
+        max_new_tokens=req.max_new_tokens or default_max_new_tokens,
+        temperature=s.temperature if s.HasField("temperature") else 0.0,
+        top_k=s.top_k if s.HasField("top_k") else 0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=list(req.stop)))
+    spec = req.speculation
+    overrides = {}
+    if spec.mode != pb.SPECULATION_MODE_UNSPECIFIED:
+        if spec.mode not in MODES:
+            raise ValueError(f"speculation.mode: unknown value {spec.mode}")
+        overrides["mode"] = MODES[spec.mode]
+    for name in ("replan_interval", "num_skip_layers", "max_draft_length"):
+        if spec.HasField(name):
+            overrides[name] = getattr(spec, name)
+    config = _field("speculation", lambda: dataclasses.replace(defaults, **overrides))
+    num_layers = engine.runner.spec.num_layers
+    _field("speculation.num_skip_layers", lambda: config.skip_count(num_layers, engine.runner.draft_has_copy))
+    if len(prompt_ids) >= engine.runner.spec.max_context:
+        raise ValueError(f"prompt: {len(prompt_ids)} tokens, the context window is {engine.runner.spec.max_context}")
+    return DecodeRequest(request_id, session_id, prompt_ids, params, config)
+
+
+def chunk_to_pb(request_id: str, token_ids: list[int], text: str) -> pb.GenerateResponse:
+    return pb.GenerateResponse(request_id=request_id, text=text, token_ids=token_ids)
+
+
+def final_to_pb(request_id: str, result: GenerationResult | None, finish_reason: str, num_prompt_tokens: int,
+                num_generated: int, plan_versions: list[int], skip_set: list[int]) -> pb.GenerateResponse:
+    stats = pb.SpeculationStats(plan_versions=plan_versions, skip_set=skip_set)
+    if result is not None:
+        s = result.stats
+        stats.num_rounds = s.num_rounds
+        stats.num_draft_tokens = s.num_draft_tokens
+        stats.num_accepted_tokens = s.num_accepted_tokens
+        stats.mean_accepted_length = s.mean_accepted_length
+        stats.accepted_per_position.extend(s.accepted_per_position)
+        stats.num_plan_switches = max(len(result.plans) - 1, 0)
+    return pb.GenerateResponse(request_id=request_id, finish_reason=FINISH[finish_reason],
+                               num_prompt_tokens=num_prompt_tokens, num_generated_tokens=num_generated, stats=stats)

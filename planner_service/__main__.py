@@ -1,0 +1,102 @@
+"""python -m planner_service: the CLaSp planner. Every flag also reads a CLASP_* environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+
+import grpc
+import structlog
+import torch
+from prometheus_client import CollectorRegistry, start_http_server
+
+from clasp.engine import Engine
+from clasp.plan_exchange import SessionContexts, plan_key
+from clasp_serve.v1 import clasp_pb2 as pb
+from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
+from decoder_service.__main__ import env, redis_client
+from decoder_service.grpc_common import ErrorInterceptor, add_health_and_reflection, configure_logging, set_serving
+from planner_service.worker import PlannerMetrics, PlannerWorker
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Planner"].full_name
+log = structlog.get_logger("planner")
+
+
+class PlannerServicer(pb_grpc.PlannerServicer):
+    def __init__(self, client) -> None:
+        self.client = client
+
+    async def GetPlan(self, request: pb.GetPlanRequest, context) -> pb.Plan:
+        if not request.session_id:
+            raise ValueError("session_id: required")
+        raw = await asyncio.to_thread(self.client.get, plan_key(request.session_id))
+        if raw is None:
+            raise LookupError(f"session_id: no plan for session {request.session_id!r}")
+        return pb.Plan.FromString(raw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m planner_service", description=(
+        "CLaSp planner: consumes re-plan requests from a Redis stream, runs the sequence-parallel layer-skip DP "
+        "on a rebuilt context, and writes each session's plan to Redis."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="listen address [CLASP_HOST]")
+    p.add_argument("--port", type=int, default=int(env("PLANNER_PORT", 50052)), help="gRPC port [CLASP_PLANNER_PORT]")
+    p.add_argument("--metrics-port", type=int, default=int(env("PLANNER_METRICS_PORT", 9092)),
+                   help="Prometheus HTTP port, 0 to disable [CLASP_PLANNER_METRICS_PORT]")
+    p.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379/0"), help="[CLASP_REDIS_URL]")
+    p.add_argument("--model", default=env("MODEL") or None, help="local HF model directory; default: embedded [CLASP_MODEL]")
+    p.add_argument("--device", default=env("DEVICE", "auto"), help="cpu, cuda or auto [CLASP_DEVICE]")
+    p.add_argument("--dtype", default=env("DTYPE", "auto"), help="must match the decoder's [CLASP_DTYPE]")
+    p.add_argument("--threads", type=int, default=int(env("THREADS", 0)), help="torch CPU threads [CLASP_THREADS]")
+    p.add_argument("--max-sessions", type=int, default=int(env("MAX_SESSIONS", 256)),
+                   help="session contexts kept (LRU) [CLASP_MAX_SESSIONS]")
+    p.add_argument("--plan-ttl-s", type=int, default=int(env("PLAN_TTL_S", 3600)), help="plan key TTL [CLASP_PLAN_TTL_S]")
+    p.add_argument("--consumer-name", default=env("CONSUMER_NAME", f"{socket.gethostname()}-{os.getpid()}"),
+                   help="consumer name in the Redis group [CLASP_CONSUMER_NAME]")
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[CLASP_LOG_LEVEL]")
+    return p
+
+
+async def serve(args: argparse.Namespace) -> None:
+    registry = CollectorRegistry()
+    metrics = PlannerMetrics(registry)
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.host, registry=registry)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    health = add_health_and_reflection(server, [SERVICE])
+    client = redis_client(args.redis_url)
+    pb_grpc.add_PlannerServicer_to_server(PlannerServicer(client), server)
+    await set_serving(health, [SERVICE], False)
+    bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    engine = await asyncio.to_thread(Engine.load, args.model, None, args.device, args.dtype)
+    contexts = SessionContexts(engine.runner, args.max_sessions)
+    worker = PlannerWorker(client, contexts, engine.identity, args.consumer_name, metrics, plan_ttl_s=args.plan_ttl_s)
+    worker.start()
+    await set_serving(health, [SERVICE], True)
+    log.info("serving", port=bound, model=engine.identity, consumer=args.consumer_name)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await set_serving(health, [SERVICE], False)
+    await server.stop(5)
+    await asyncio.to_thread(worker.stop)
+    log.info("stopped")
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    configure_logging(args.log_level)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

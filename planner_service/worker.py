@@ -1,0 +1,148 @@
+"""The planner's work loop: read re-plan requests from the Redis stream, plan, write plans.
+
+Requests come through a consumer group, so several planners share the work and a crashed
+planner's unacknowledged entries are claimed by another after `claim_idle_s`. Only a
+session's newest pending request is planned; older ones are acknowledged unplanned.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import redis
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from clasp.plan_exchange import (PLAN_NOTIFY_CHANNEL, PLAN_REQUEST_STREAM, PLANNER_GROUP, PlanInput,
+                                 SessionContexts, decode_tensor, plan_key, plan_version_key)
+from clasp.planner import LayerPlan
+from clasp_serve.v1 import clasp_pb2 as pb
+
+log = structlog.get_logger("planner")
+
+
+class PlannerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.plans = Counter("clasp_planner_plans", "Plans written", registry=registry)
+        self.rejected = Counter("clasp_planner_rejected", "Requests rejected (malformed, other model)", registry=registry)
+        self.superseded = Counter("clasp_planner_superseded", "Requests skipped for a newer one", registry=registry)
+        self.plan_seconds = Histogram("clasp_planner_plan_seconds", "DP time per plan (context rebuild included)",
+                                      buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2), registry=registry)
+        self.sessions = Gauge("clasp_planner_sessions", "Session contexts held", registry=registry)
+        self.redis_up = Gauge("clasp_planner_redis_up", "1 when Redis works", registry=registry)
+
+
+def plan_to_pb(plan: LayerPlan, session_id: str, version: int, model: str, num_layers: int,
+               seconds: float) -> pb.Plan:
+    return pb.Plan(session_id=session_id, version=version, model=model, num_layers=num_layers,
+                   skip_sets=[pb.SkipSet(layers=sorted(s)) for s in plan.skip_sets], scores=plan.scores,
+                   step=plan.step, plan_seconds=seconds, created_at=time.time())
+
+
+def request_from_pb(message: pb.PlanRequest) -> PlanInput:
+    return PlanInput(step=message.step, hidden=decode_tensor(message.hidden_states), position=message.position,
+                     token_ids=list(message.token_ids), max_skip=message.max_skip)
+
+
+class PlannerWorker:
+    def __init__(self, client: redis.Redis, contexts: SessionContexts, model: str, consumer: str,
+                 metrics: PlannerMetrics, plan_ttl_s: int = 3600, claim_idle_s: float = 30.0,
+                 batch: int = 16) -> None:
+        self.client = client
+        self.contexts = contexts
+        self.model = model
+        self.num_layers = contexts.runner.spec.num_layers
+        self.consumer = consumer
+        self.metrics = metrics
+        self.plan_ttl_s = plan_ttl_s
+        self.claim_idle_ms = int(claim_idle_s * 1000)
+        self.batch = batch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="planner", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self._ensure_group()
+                self.metrics.redis_up.set(1)
+                self._process(self._claim_stale() or self._read())
+                backoff = 0.1
+            except (redis.RedisError, OSError) as e:
+                self.metrics.redis_up.set(0)
+                log.warning("redis unavailable", error=str(e))
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except Exception:  # a bug must not silently end the work loop
+                log.exception("planner loop error")
+                self._stop.wait(1.0)
+
+    def _ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(PLAN_REQUEST_STREAM, PLANNER_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def _read(self) -> list:
+        reply = self.client.xreadgroup(PLANNER_GROUP, self.consumer, {PLAN_REQUEST_STREAM: ">"}, count=self.batch,
+                                       block=500)
+        return reply[0][1] if reply else []
+
+    def _claim_stale(self) -> list:
+        """Entries another planner read but never acknowledged (it crashed)."""
+        reply = self.client.xautoclaim(PLAN_REQUEST_STREAM, PLANNER_GROUP, self.consumer,
+                                       min_idle_time=self.claim_idle_ms, count=self.batch)
+        return [e for e in reply[1] if e[1]]  # Redis 6.2 replies with 2 fields, 7 with 3
+
+    def _process(self, entries: list) -> None:
+        newest: dict[str, tuple[pb.PlanRequest, bytes]] = {}
+        done = []
+        for entry_id, fields in entries:
+            done.append(entry_id)
+            try:
+                message = pb.PlanRequest.FromString(fields[b"request"])
+            except Exception as e:
+                self.metrics.rejected.inc()
+                log.warning("malformed plan request", entry=entry_id, error=str(e))
+                continue
+            if message.session_id in newest:
+                self.metrics.superseded.inc()
+            newest[message.session_id] = (message, entry_id)
+        for session_id, (message, _) in newest.items():
+            self._plan_one(session_id, message)
+        if done:
+            self.client.xack(PLAN_REQUEST_STREAM, PLANNER_GROUP, *done)
+
+    def _plan_one(self, session_id: str, message: pb.PlanRequest) -> None:
+        log_ = log.bind(session_id=session_id, step=message.step)
+        if message.model != self.model:
+            self.metrics.rejected.inc()
+            log_.warning("plan request for another model", model=message.model, expected=self.model)
+            return
+        started = time.perf_counter()
+        try:
+            plan = self.contexts.plan(session_id, request_from_pb(message))
+        except ValueError as e:
+            self.metrics.rejected.inc()
+            log_.warning("bad plan request", error=str(e))
+            return
+        seconds = time.perf_counter() - started
+        self.metrics.plan_seconds.observe(seconds)
+        self.metrics.sessions.set(len(self.contexts))
+        version = self.client.incr(plan_version_key(session_id))
+        self.client.expire(plan_version_key(session_id), self.plan_ttl_s)
+        stored = plan_to_pb(plan, session_id, version, self.model, self.num_layers, seconds)
+        self.client.set(plan_key(session_id), stored.SerializeToString(), ex=self.plan_ttl_s)
+        self.client.publish(PLAN_NOTIFY_CHANNEL, session_id)
+        self.metrics.plans.inc()
+        log_.info("plan written", version=version, seconds=round(seconds, 4),
+                  skip_set=sorted(plan.skip_sets[-1]), score=round(plan.scores[-1], 4))
