@@ -11,7 +11,7 @@ PROMPT ?= Explain in three sentences why the sky is blue.
 BENCH ?= quick
 BENCH_ARGS ?=
 
-.PHONY: help setup proto start run stop demo-engine test bench clean distclean
+.PHONY: help setup proto start run stop demo-engine test bench image image-gpu deploy deploy-check clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -82,6 +82,27 @@ test: setup  ## the test suite (real model, Redis and gRPC; no mocks)
 
 bench: setup  ## engine benchmark: clasp vs ar vs transformers peers (BENCH=full for all questions)
 	$(PY) benchmarks/bench_engine.py $(if $(filter full,$(BENCH)),--full,) $(BENCH_ARGS)
+
+# --- containers and Kubernetes (no engine or cluster is needed for deploy-check)
+OVERLAY ?= cpu
+IMAGE ?= clasp-serve:dev
+
+$(VENV)/.deploy-tools:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q kubernetes-validate==1.37.0 yamllint==1.38.0
+	touch $@
+
+image:  ## build the container image (CPU torch)
+	docker build -f deploy/Dockerfile -t $(IMAGE) .
+
+image-gpu:  ## build the CUDA image (tag suffix -cuda)
+	docker build -f deploy/Dockerfile -t $(IMAGE)-cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+
+deploy:  ## kubectl apply -k deploy/overlays/$(OVERLAY) (OVERLAY=cpu|gpu)
+	kubectl apply -k deploy/overlays/$(OVERLAY)
+
+deploy-check: $(VENV)/.deploy-tools  ## validate deploy/ offline (kustomize, kubernetes-validate, policy, yamllint)
+	bash deploy/check.sh
 
 clean:  ## remove caches of Python and pytest
 	rm -rf .pytest_cache $$(find . -name __pycache__ -not -path './.venv/*')

@@ -50,6 +50,9 @@ def request_from_pb(req: pb.GenerateRequest, engine: Engine, defaults: ClaspConf
         prompt_ids = _field("prompt", lambda: engine.encode(req.prompt, chat=not req.raw_prompt))
     else:
         messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
+        for i, m in enumerate(messages):
+            if not m["role"].strip():
+                raise ValueError(f"chat.messages[{i}].role: must not be empty")
         prompt_ids = _field("chat.messages", lambda: engine.encode(messages=messages))
     s = req.sampling
     params = _field("sampling", lambda: SamplingParams(
