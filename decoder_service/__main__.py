@@ -104,10 +104,15 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    log.info("draining", grace_period_s=args.grace_period_s)
-    await set_serving(health, [SERVICE], False)  # probes see it before admission stops
+    log.info("draining", grace_period_s=args.grace_period_s, in_flight=servicer.in_flight())
+    # Health turns NOT_SERVING and new streams get UNAVAILABLE, while the server still answers
+    # probes; in-flight streams get the grace period to finish, then the rest are cancelled.
+    await set_serving(health, [SERVICE], False)
     servicer.draining = True
-    await server.stop(args.grace_period_s)
+    deadline = loop.time() + args.grace_period_s
+    while servicer.in_flight() and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await server.stop(max(deadline - loop.time(), 0.0))
     if bus is not None:
         bus.stop()
     log.info("stopped")

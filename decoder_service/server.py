@@ -34,6 +34,10 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         self.draining = False
         self.aborts: dict[str, asyncio.Event] = {}
 
+    def in_flight(self) -> int:
+        """Streams decoding or waiting for a slot."""
+        return len(self.aborts) + self.waiting
+
     def attach(self, engine: Engine, bus: PlanBus | None) -> None:
         self.engine, self.bus = engine, bus
 

@@ -18,6 +18,7 @@ import redis
 from clasp.config import ClaspConfig, SamplingParams
 from clasp.plan_exchange import PLAN_REQUEST_STREAM, PLANNER_GROUP, plan_key
 from clasp_serve.v1 import clasp_pb2 as pb
+from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
 from clients.sdk import AsyncClaspClient, ClaspClient, build_request
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,6 +215,71 @@ def test_abort_by_request_id(stack):
         assert client.abort("no-such-request") is False
 
 
+def test_planner_get_plan(stack):
+    with ClaspClient(stack["target"]) as client:
+        client.generate(PROMPT, session_id="admin", max_new_tokens=16, **DP)
+    wait_for(lambda: stack["client"].get(plan_key("admin")), 30, "the session's plan")
+    with grpc.insecure_channel(f"127.0.0.1:{stack['ports']['planner']}") as channel:
+        planner = pb_grpc.PlannerStub(channel)
+        plan = planner.GetPlan(pb.GetPlanRequest(session_id="admin"), timeout=10)
+        assert plan.session_id == "admin" and plan.version >= 1 and len(plan.skip_sets) == 7
+        assert [len(s.layers) for s in plan.skip_sets] == list(range(7))
+        for request, code in ((pb.GetPlanRequest(session_id="nobody"), grpc.StatusCode.NOT_FOUND),
+                              (pb.GetPlanRequest(), grpc.StatusCode.INVALID_ARGUMENT)):
+            with pytest.raises(grpc.RpcError) as e:
+                planner.GetPlan(request, timeout=10)
+            assert e.value.code() == code and "session_id" in e.value.details()
+
+
+@pytest.mark.parametrize("kind", ["malformed", "other-model", "out-of-range"])
+def test_untrustworthy_plans_are_rejected(stack, engine, kind):
+    session = f"untrusted-{kind}"
+    bad = pb.Plan(session_id=session, version=10**6, model="SmolLM2-135M-Instruct:30x576:49152", num_layers=30,
+                  skip_sets=[pb.SkipSet(layers=list(range(j))) for j in range(7)], scores=[1.0] * 7)
+    if kind == "other-model":
+        bad.model = "another-model:30x576:49152"
+    elif kind == "out-of-range":
+        bad.skip_sets[6].layers[:] = [40, 41, 42, 43, 44, 45]
+    raw = b"\x08\xff\xff not a plan" if kind == "malformed" else bad.SerializeToString()
+    stack["client"].set(plan_key(session), raw)
+    before = metric(stack, "clasp_plans_rejected_total")
+    with ClaspClient(stack["target"]) as client:
+        stream = client.stream(build_request(PROMPT, session_id=session, max_new_tokens=32, mode="clasp",
+                                             num_skip_layers=6, replan_interval=1000))
+        messages = list(stream)
+    assert metric(stack, "clasp_plans_rejected_total") > before
+    assert 10**6 not in messages[-1].stats.plan_versions
+    assert sorted(messages[-1].stats.skip_set) != list(range(6))
+    assert sum((list(m.token_ids) for m in messages), []) == ar_reference(engine, PROMPT, 32)
+
+
+def test_full_queue_is_resource_exhausted(stack):
+    """max_concurrent 2 + max_queue 2: a fifth concurrent stream is refused with a message."""
+    clients = [ClaspClient(stack["target"], retries=0) for _ in range(5)]
+    streams = [c.stream(build_request(PROMPT, request_id=f"busy-{i}", max_new_tokens=400)) for i, c in
+               enumerate(clients[:4])]
+    threads = [threading.Thread(target=lambda st=st: list(st)) for st in streams]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: metric(stack, "clasp_queue_depth") == 2 and metric(stack, "clasp_active_requests") == 2,
+                 60, "two streams running and two waiting")
+        with pytest.raises(grpc.RpcError) as e:
+            list(clients[4].stream(build_request(PROMPT, max_new_tokens=8)))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue" in e.value.details()
+    finally:
+        for i in range(4):
+            wait_for(lambda i=i: clients[4].abort(f"busy-{i}") or _finished(stack, f"busy-{i}"), 60, f"abort busy-{i}")
+        for t in threads:
+            t.join(60)
+        for c in clients:
+            c.close()
+
+
+def _finished(stack, request_id: str) -> bool:
+    return metric(stack, "clasp_active_requests") + metric(stack, "clasp_queue_depth") == 0
+
+
 def test_planner_down_then_redis_down_keeps_output_and_health(stack, engine):
     reference = ar_reference(engine, PROMPT, 96)
     with ClaspClient(stack["target"]) as client:
@@ -241,3 +307,30 @@ def test_planner_down_then_redis_down_keeps_output_and_health(stack, engine):
 def _plans_again(client):
     result = client.generate("Describe a sunrise.", session_id=f"back-{time.monotonic()}", max_new_tokens=40, **DP)
     return result if result.stats["plan_versions"] else None
+
+
+def test_sigterm_drains_in_flight_streams(stack, engine):
+    """Last: stops the shared decoder. In-flight streams finish; health goes NOT_SERVING first."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    reference = ar_reference(engine, PROMPT, 64)
+    with ClaspClient(stack["target"]) as client:
+        stream = client.stream(build_request(PROMPT, max_new_tokens=64))
+        tokens = list(next(stream).token_ids)
+        stack["decoder"].proc.terminate()
+        health = health_pb2_grpc.HealthStub(client.channel)
+        wait_for(lambda: _not_serving(health, health_pb2), 10, "NOT_SERVING while draining")
+        with pytest.raises(grpc.RpcError) as e:
+            list(ClaspClient(stack["target"], retries=0).stream(build_request("hi", max_new_tokens=4)))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
+        for message in stream:
+            tokens.extend(message.token_ids)
+        assert tokens == reference
+    assert stack["decoder"].proc.wait(30) == 0
+
+
+def _not_serving(health, health_pb2) -> bool:
+    try:
+        return health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    except grpc.RpcError:
+        return False
