@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 
 import grpc
-import redis
 import structlog
 import torch
 from prometheus_client import CollectorRegistry, start_http_server
@@ -17,17 +15,14 @@ from clasp.config import ClaspConfig
 from clasp.engine import Engine
 from clasp_serve.v1 import clasp_pb2
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
-from decoder_service.grpc_common import ErrorInterceptor, add_health_and_reflection, configure_logging, set_serving
+from decoder_service.service_common import (ErrorInterceptor, add_health_and_reflection, configure_logging,
+                                            env, redis_client, set_serving)
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.plan_bus import PlanBus
 from decoder_service.server import DecoderServicer
 
 SERVICE = clasp_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
 log = structlog.get_logger("decoder")
-
-
-def env(name: str, default=None):
-    return os.environ.get(f"CLASP_{name}", default)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,12 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft weight copy dtype, 'none' to share [CLASP_DRAFT_DTYPE]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[CLASP_LOG_LEVEL]")
     return p
-
-
-def redis_client(url: str) -> redis.Redis:
-    password = env("REDIS_PASSWORD") or None
-    return redis.Redis.from_url(url, password=password, socket_timeout=1.0, socket_connect_timeout=1.0,
-                                health_check_interval=10)
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -17,8 +17,8 @@ from clasp.engine import Engine
 from clasp.plan_exchange import SessionContexts, plan_key
 from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
-from decoder_service.__main__ import env, redis_client
-from decoder_service.grpc_common import ErrorInterceptor, add_health_and_reflection, configure_logging, set_serving
+from decoder_service.service_common import (ErrorInterceptor, add_health_and_reflection, configure_logging,
+                                            env, redis_client, set_serving)
 from planner_service.worker import PlannerMetrics, PlannerWorker
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Planner"].full_name

@@ -1,16 +1,30 @@
-"""gRPC pieces for the services: error mapping interceptor, health, reflection, logging setup."""
+"""What both services' adapters share: env-var flags, the Redis client, the error-mapping
+interceptor, health, reflection and logging setup. (The engine they share is clasp/.)"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import grpc
+import redis
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 log = structlog.get_logger("grpc")
+
+
+def env(name: str, default=None):
+    """A CLASP_<name> environment variable (every service flag defaults to one)."""
+    return os.environ.get(f"CLASP_{name}", default)
+
+
+def redis_client(url: str) -> redis.Redis:
+    """Short timeouts: a dead Redis must not stall the threads that use it for long."""
+    return redis.Redis.from_url(url, password=env("REDIS_PASSWORD") or None, socket_timeout=1.0,
+                                socket_connect_timeout=1.0, health_check_interval=10)
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
