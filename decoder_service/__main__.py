@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 import grpc
 import structlog
-import torch
 from prometheus_client import CollectorRegistry, start_http_server
 
 from clasp.config import ClaspConfig
 from clasp.engine import Engine
 from clasp_serve.v1 import clasp_pb2
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
-from decoder_service.service_common import (ErrorInterceptor, add_health_and_reflection, configure_logging,
-                                            env, redis_client, set_serving)
+from decoder_service.service_common import (ErrorInterceptor, add_health_and_reflection, env, redis_client,
+                                            run_service, set_serving, wait_for_stop_signal)
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.plan_bus import PlanBus
 from decoder_service.server import DecoderServicer
@@ -88,16 +86,13 @@ async def serve(args: argparse.Namespace) -> None:
     await set_serving(health, [SERVICE], True)
     log.info("serving", model=engine.identity, redis=bool(bus))
 
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    await wait_for_stop_signal()
     log.info("draining", grace_period_s=args.grace_period_s, in_flight=servicer.in_flight())
     # Health turns NOT_SERVING and new streams get UNAVAILABLE, while the server still answers
     # probes; in-flight streams get the grace period to finish, then the rest are cancelled.
     await set_serving(health, [SERVICE], False)
     servicer.draining = True
+    loop = asyncio.get_running_loop()
     deadline = loop.time() + args.grace_period_s
     while servicer.in_flight() and loop.time() < deadline:
         await asyncio.sleep(0.05)
@@ -108,11 +103,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
-    configure_logging(args.log_level)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    asyncio.run(serve(args))
+    run_service(build_parser(), serve)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,17 @@ interceptor, health, reflection and logging setup. (The engine they share is cla
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import logging
 import os
+import signal
 import sys
 
 import grpc
 import redis
 import structlog
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -96,3 +100,21 @@ def configure_logging(level: str = "INFO") -> None:
                     structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+
+
+async def wait_for_stop_signal() -> None:
+    """Return on SIGTERM or SIGINT (the process is PID 1 in a container: it must handle them)."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+
+
+def run_service(parser: argparse.ArgumentParser, serve) -> None:
+    """A service's main(): parse flags, set up logs and CPU threads, run serve(args) to the end."""
+    args = parser.parse_args()
+    configure_logging(args.log_level)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    asyncio.run(serve(args))

@@ -5,20 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import socket
 
 import grpc
 import structlog
-import torch
 from prometheus_client import CollectorRegistry, start_http_server
 
 from clasp.engine import Engine
 from clasp.plan_exchange import SessionContexts, plan_key
 from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
-from decoder_service.service_common import (ErrorInterceptor, add_health_and_reflection, configure_logging,
-                                            env, redis_client, set_serving)
+from decoder_service.service_common import (ErrorInterceptor, add_health_and_reflection, env, redis_client,
+                                            run_service, set_serving, wait_for_stop_signal)
 from planner_service.worker import PlannerMetrics, PlannerWorker
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Planner"].full_name
@@ -79,11 +77,7 @@ async def serve(args: argparse.Namespace) -> None:
     worker.start()
     await set_serving(health, [SERVICE], True)
     log.info("serving", port=bound, model=engine.identity, consumer=args.consumer_name)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    await wait_for_stop_signal()
     await set_serving(health, [SERVICE], False)
     await server.stop(5)
     await asyncio.to_thread(worker.stop)
@@ -91,11 +85,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
-    configure_logging(args.log_level)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    asyncio.run(serve(args))
+    run_service(build_parser(), serve)
 
 
 if __name__ == "__main__":
