@@ -11,7 +11,7 @@ PROMPT ?= Explain in three sentences why the sky is blue.
 BENCH ?= quick
 BENCH_ARGS ?=
 
-.PHONY: help setup proto start run stop demo-engine test bench image image-gpu deploy deploy-check clean distclean
+.PHONY: help setup proto start run stop demo-engine test bench bench-service image image-gpu deploy deploy-check clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -103,6 +103,9 @@ deploy:  ## kubectl apply -k deploy/overlays/$(OVERLAY) (OVERLAY=cpu|gpu)
 
 deploy-check: $(VENV)/.deploy-tools  ## validate deploy/ offline (kustomize, kubernetes-validate, policy, yamllint)
 	bash deploy/check.sh
+
+bench-service: setup  ## service benchmark: gRPC decoder + planner vs the in-process engine (BENCH=full: all questions)
+	$(PY) benchmarks/bench_service.py $(if $(filter full,$(BENCH)),--full,) $(BENCH_ARGS)
 
 clean:  ## remove caches of Python and pytest
 	rm -rf .pytest_cache $$(find . -name __pycache__ -not -path './.venv/*')

@@ -382,14 +382,16 @@ def _notes(summary: dict) -> str:
     return "\n".join(f"- {n}" for n in notes)
 
 
-def write_results(summary: dict, out_dir: Path, tag: str) -> Path:
+def write_results(summary: dict, out_dir: Path, tag: str, prefix: str = "engine",
+                  render: Callable[[dict], str] = render_markdown) -> Path:
+    """<prefix>-<tag>.json and .md in out_dir, and <prefix>-latest.md overwritten."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"engine-{tag}"
+    stem = out_dir / f"{prefix}-{tag}"
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(summary, indent=1) + "\n")
-    markdown = render_markdown(summary)
+    markdown = render(summary)
     stem.with_suffix(".md").write_text(markdown)
-    (out_dir / "engine-latest.md").write_text(markdown)
+    (out_dir / f"{prefix}-latest.md").write_text(markdown)
     return json_path
 
 
@@ -406,17 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                "~55-60 ms/token, hf_early_exit ~250-300 ms/token) that is ~6 minutes including loading and warm-up, "
                "less when answers end at EOS, more when the CPU is shared. --max-new-tokens 128 takes ~7.5 minutes, "
                "--per-category 2 ~11.5; --full runs all 480 questions (hours on a CPU). Results: benchmarks/results/engine-<tag>.{json,md} and engine-latest.md.")
-    g = parser.add_argument_group("questions")
-    g.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS,
-                   help="Spec-Bench question.jsonl (default: ../shared/data/spec_bench/question.jsonl from the repo root)")
-    g.add_argument("--per-category", type=int, default=QUICK_PER_CATEGORY,
-                   help=f"questions per category, the first N by question_id (default: {QUICK_PER_CATEGORY})")
-    g.add_argument("--full", action="store_true", help="run every question (overrides --per-category)")
-    g.add_argument("--max-new-tokens", type=int, default=QUICK_MAX_NEW_TOKENS,
-                   help=f"new tokens per answer at most; every method also stops at EOS (default: {QUICK_MAX_NEW_TOKENS})")
-    g.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all but static). 'ar' is the baseline "
-                        "for speedups and token-id equality; without it those columns are n/a")
+    add_question_args(parser, DEFAULT_METHODS, ALL_METHODS, "all but static", "ar")
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
@@ -450,12 +442,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_methods(text: str) -> list[str]:
+def add_question_args(parser: argparse.ArgumentParser, default_methods, all_methods, default_note: str,
+                      baseline: str) -> None:
+    """The sample and method flags both benchmarks share."""
+    g = parser.add_argument_group("questions")
+    g.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS,
+                   help="Spec-Bench question.jsonl (default: ../shared/data/spec_bench/question.jsonl from the repo root)")
+    g.add_argument("--per-category", type=int, default=QUICK_PER_CATEGORY,
+                   help=f"questions per category, the first N by question_id (default: {QUICK_PER_CATEGORY})")
+    g.add_argument("--full", action="store_true", help="run every question (overrides --per-category)")
+    g.add_argument("--max-new-tokens", type=int, default=QUICK_MAX_NEW_TOKENS,
+                   help=f"new tokens per answer at most; every method also stops at EOS (default: {QUICK_MAX_NEW_TOKENS})")
+    g.add_argument("--methods", default=",".join(default_methods),
+                   help=f"comma-separated subset of {','.join(all_methods)} (default: {default_note}). '{baseline}' is "
+                        "the baseline for speedups and token-id equality; without it those columns are n/a")
+
+
+def parse_methods(text: str, allowed: tuple[str, ...] = ALL_METHODS) -> list[str]:
+    """The --methods list in `allowed`'s order (the baseline first: the others compare against it)."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in ALL_METHODS]
+    unknown = [m for m in methods if m not in allowed]
     if unknown or not methods:
-        raise SystemExit(f"--methods: unknown {unknown or 'empty list'}; choose from {','.join(ALL_METHODS)}")
-    return [m for m in ALL_METHODS if m in methods]  # ar first: the others compare against it
+        raise SystemExit(f"--methods: unknown {unknown or 'empty list'}; choose from {','.join(allowed)}")
+    return [m for m in allowed if m in methods]
 
 
 def main(argv: list[str] | None = None) -> int:

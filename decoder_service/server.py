@@ -29,7 +29,10 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         self.default_max_new_tokens = default_max_new_tokens
         self.max_queue = max_queue
         self.slots = asyncio.Semaphore(max_concurrent)
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_concurrent, thread_name_prefix="decode")
+        # One decode thread: concurrent streams interleave round by round. Rounds on several
+        # threads each got their own OpenMP team, oversubscribing the cores (clasp through gRPC
+        # ran at 0.60x of the in-process engine that way).
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decode")
         self.waiting = 0
         self.draining = False
         self.aborts: dict[str, asyncio.Event] = {}

@@ -56,8 +56,9 @@ class Redis:
         wait_for(lambda: _pings(client), 20, "redis")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
 
 
 def _pings(client) -> bool:
@@ -99,9 +100,9 @@ def stack(tmp_path_factory):
     stack = dict(redis=store, planner=planner, decoder=decoder, target=target, ports=ports, tmp=tmp,
                  client=redis.Redis(port=store.port, password=PASSWORD))
     yield stack
-    decoder.stop()
-    planner.stop()
-    store.stop()
+    stack["decoder"].stop()  # the stack's current processes: tests restart some of them
+    stack["planner"].stop()
+    stack["redis"].stop()
 
 
 def restart_planner(stack):
