@@ -13,8 +13,9 @@ import collections
 import dataclasses
 from typing import Protocol
 
-import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from clasp.kv_cache import KVCache
 from clasp.model_runner import ModelRunner
@@ -148,13 +149,13 @@ class SessionContexts:
 
 def encode_tensor(tensor: torch.Tensor) -> bytes:
     """safetensors bytes of one tensor (the format hidden states cross process boundaries in)."""
-    return safetensors.torch.save({"tensor": tensor.detach().contiguous().cpu()})
+    return save_safetensors({"tensor": tensor.detach().contiguous().cpu()})
 
 
 def decode_tensor(data: bytes) -> torch.Tensor:
     """The tensor from encode_tensor; raises ValueError on anything else."""
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = load_safetensors(data)  # safetensors: no code execution, unlike pickle
     except Exception as e:  # safetensors raises its own error types for malformed input
         raise ValueError(f"malformed safetensors payload: {e}") from None
     if set(tensors) != {"tensor"}:
