@@ -261,13 +261,18 @@ def aggregate(rows: list[Row]) -> dict:
     return out
 
 
-def summarize_rows(rows: list[Row], methods: list[str]) -> dict:
-    """{category or "overall": {method: aggregate, ..., "speedup_vs_ar": {method: ratio}}}."""
+def group_by_category(rows: list) -> dict[str, list]:
+    """Rows per category present, in CATEGORIES order, plus "overall" (all rows)."""
     groups = {c: [r for r in rows if r.category == c] for c in CATEGORIES}
     groups = {c: g for c, g in groups.items() if g}
     groups["overall"] = rows
+    return groups
+
+
+def summarize_rows(rows: list[Row], methods: list[str]) -> dict:
+    """{category or "overall": {method: aggregate, ..., "speedup_vs_ar": {method: ratio}}}."""
     tables = {}
-    for name, group in groups.items():
+    for name, group in group_by_category(rows).items():
         table = {m: aggregate([r for r in group if r.method == m]) for m in methods}
         ar = table.get("ar", {}).get("tokens_per_s")
         table["speedup_vs_ar"] = {m: (t["tokens_per_s"] / ar if ar and t["tokens_per_s"] else None)

@@ -53,10 +53,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
     sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_engine import (CATEGORIES, DEFAULT_OUT, QUICK_MAX_NEW_TOKENS,  # noqa: E402
+from benchmarks.bench_engine import (DEFAULT_OUT, QUICK_MAX_NEW_TOKENS,  # noqa: E402
                                      QUICK_PER_CATEGORY, WARMUP_PROMPT, WARMUP_TOKENS, Question, _fmt,
                                      _tokens_per_s_cell, engine_runner, git_commit, load_questions, machine_info,
-                                     add_question_args, parse_methods, peak_rss_mib, write_results)
+                                     add_question_args, group_by_category, parse_methods, peak_rss_mib,
+                                     write_results)
 from clasp.config import ClaspConfig  # noqa: E402
 from clasp.engine import Engine  # noqa: E402
 from clasp.loading import model_identity, resolve_device, resolve_dtype  # noqa: E402
@@ -407,11 +408,8 @@ def aggregate(rows: list[ServiceRow]) -> dict:
 
 def summarize_rows(rows: list[ServiceRow], methods: list[str]) -> dict:
     """{category or "overall": {method: aggregate, ..., "ratios": {name: tokens/s ratio}}}."""
-    groups = {c: [r for r in rows if r.category == c] for c in CATEGORIES}
-    groups = {c: g for c, g in groups.items() if g}
-    groups["overall"] = rows
     tables = {}
-    for name, group in groups.items():
+    for name, group in group_by_category(rows).items():
         table = {m: aggregate([r for r in group if r.method == m]) for m in methods}
         table["ratios"] = {}
         for ratio, (num, den) in RATIOS.items():
