@@ -14,7 +14,7 @@ from clasp.engine import Engine
 from clasp_serve.v1 import clasp_pb2
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
 from decoder_service.service_common import (ErrorInterceptor, add_health_and_reflection, env, redis_client,
-                                            run_service, set_serving, wait_for_stop_signal)
+                                            run_service, set_serving, torch_executor, wait_for_stop_signal)
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.plan_bus import PlanBus
 from decoder_service.server import DecoderServicer
@@ -66,7 +66,8 @@ async def serve(args: argparse.Namespace) -> None:
         start_http_server(args.metrics_port, addr=args.host, registry=registry)
     server = grpc.aio.server(interceptors=[ErrorInterceptor()])
     health = add_health_and_reflection(server, [SERVICE])
-    servicer = DecoderServicer(metrics, args.max_concurrent, args.max_queue, args.max_new_tokens)
+    torch_thread = torch_executor()
+    servicer = DecoderServicer(metrics, args.max_concurrent, args.max_queue, args.max_new_tokens, torch_thread)
     pb_grpc.add_DecoderServicer_to_server(servicer, server)
     await set_serving(health, [SERVICE], False)
     bound = server.add_insecure_port(f"{args.host}:{args.port}")
@@ -76,13 +77,14 @@ async def serve(args: argparse.Namespace) -> None:
     config = ClaspConfig(mode=args.mode, num_skip_layers=None if args.num_skip_layers is None else int(args.num_skip_layers),
                          replan_interval=args.replan_interval, max_draft_length=args.max_draft_length,
                          draft_dtype=None if args.draft_dtype in (None, "none") else args.draft_dtype)
-    engine = await asyncio.to_thread(Engine.load, args.model, config, args.device, args.dtype)
+    loop = asyncio.get_running_loop()
+    engine = await loop.run_in_executor(torch_thread, Engine.load, args.model, config, args.device, args.dtype)
     bus = None
     if args.redis_url:
         bus = PlanBus(redis_client(args.redis_url), engine.identity, engine.runner.spec.num_layers, metrics=metrics)
         bus.start()
     servicer.attach(engine, bus)
-    await asyncio.to_thread(servicer.warm_up)
+    await loop.run_in_executor(torch_thread, servicer.warm_up)
     await set_serving(health, [SERVICE], True)
     log.info("serving", model=engine.identity, redis=bool(bus))
 
@@ -92,7 +94,6 @@ async def serve(args: argparse.Namespace) -> None:
     # probes; in-flight streams get the grace period to finish, then the rest are cancelled.
     await set_serving(health, [SERVICE], False)
     servicer.draining = True
-    loop = asyncio.get_running_loop()
     deadline = loop.time() + args.grace_period_s
     while servicer.in_flight() and loop.time() < deadline:
         await asyncio.sleep(0.05)

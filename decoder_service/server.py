@@ -22,17 +22,16 @@ log = structlog.get_logger("decoder")
 
 class DecoderServicer(pb_grpc.DecoderServicer):
     def __init__(self, metrics: DecoderMetrics, max_concurrent: int, max_queue: int,
-                 default_max_new_tokens: int) -> None:
+                 default_max_new_tokens: int, executor: concurrent.futures.Executor) -> None:
         self.engine: Engine | None = None  # set by attach() once loaded; the server starts before
         self.bus: PlanBus | None = None
         self.metrics = metrics
         self.default_max_new_tokens = default_max_new_tokens
         self.max_queue = max_queue
         self.slots = asyncio.Semaphore(max_concurrent)
-        # One decode thread: concurrent streams interleave round by round. Rounds on several
-        # threads each got their own OpenMP team, oversubscribing the cores (clasp through gRPC
-        # ran at 0.60x of the in-process engine that way).
-        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decode")
+        # The process's one torch thread (it also loaded and warmed the model): concurrent
+        # streams interleave round by round on it. See service_common.torch_executor.
+        self.executor = executor
         self.waiting = 0
         self.draining = False
         self.aborts: dict[str, asyncio.Event] = {}

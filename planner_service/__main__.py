@@ -16,7 +16,7 @@ from clasp.plan_exchange import SessionContexts, plan_key
 from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
 from decoder_service.service_common import (ErrorInterceptor, add_health_and_reflection, env, redis_client,
-                                            run_service, set_serving, wait_for_stop_signal)
+                                            run_service, set_serving, torch_executor, wait_for_stop_signal)
 from planner_service.worker import PlannerMetrics, PlannerWorker
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Planner"].full_name
@@ -71,16 +71,19 @@ async def serve(args: argparse.Namespace) -> None:
     await set_serving(health, [SERVICE], False)
     bound = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
-    engine = await asyncio.to_thread(Engine.load, args.model, None, args.device, args.dtype)
+    torch_thread = torch_executor()
+    engine = await asyncio.get_running_loop().run_in_executor(torch_thread, Engine.load, args.model, None,
+                                                               args.device, args.dtype)
     contexts = SessionContexts(engine.runner, args.max_sessions)
     worker = PlannerWorker(client, contexts, engine.identity, args.consumer_name, metrics, plan_ttl_s=args.plan_ttl_s)
-    worker.start()
+    worker.start(torch_thread)
     await set_serving(health, [SERVICE], True)
     log.info("serving", port=bound, model=engine.identity, consumer=args.consumer_name)
     await wait_for_stop_signal()
     await set_serving(health, [SERVICE], False)
     await server.stop(5)
     await asyncio.to_thread(worker.stop)
+    torch_thread.shutdown(wait=False)
     log.info("stopped")
 
 

@@ -7,6 +7,7 @@ session's newest pending request is planned; older ones are acknowledged unplann
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 
@@ -59,14 +60,17 @@ class PlannerWorker:
         self.claim_idle_ms = int(claim_idle_s * 1000)
         self.batch = batch
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="planner", daemon=True)
+        self._done: concurrent.futures.Future | None = None
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, executor: concurrent.futures.Executor) -> None:
+        """Run the loop on `executor`: pass the one-thread executor that loaded the model, so
+        all torch work of the process stays on one thread (one OpenMP team; see service_common)."""
+        self._done = executor.submit(self._run)
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._done is not None:
+            concurrent.futures.wait([self._done], timeout=10)
 
     def _run(self) -> None:
         backoff = 0.1
