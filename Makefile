@@ -11,7 +11,7 @@ PROMPT ?= Explain in three sentences why the sky is blue.
 BENCH ?= quick
 BENCH_ARGS ?=
 
-.PHONY: help setup proto start run stop demo-engine test bench bench-service image image-gpu deploy deploy-check clean distclean
+.PHONY: help setup proto start run stop demo-engine test bench bench-service bench-sampling bench-loi bench-planner bench-all image image-gpu deploy deploy-check clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -106,6 +106,18 @@ deploy-check: $(VENV)/.deploy-tools  ## validate deploy/ offline (kustomize, kub
 
 bench-service: setup  ## service benchmark: gRPC decoder + planner vs the in-process engine (BENCH=full: all questions)
 	$(PY) benchmarks/bench_service.py $(if $(filter full,$(BENCH)),--full,) $(BENCH_ARGS)
+
+bench-sampling: setup  ## engine benchmark sampled at temperature 0.7 and 1.0 (ar vs clasp variants)
+	$(PY) benchmarks/bench_engine.py --temperature 0.7 --methods ar,clasp,clasp_shared --name sampling-t0.7 $(BENCH_ARGS)
+	$(PY) benchmarks/bench_engine.py --temperature 1.0 --methods ar,clasp,clasp_shared --name sampling-t1.0 $(BENCH_ARGS)
+
+bench-loi: setup  ## engine benchmark: DP re-planned every 32, 64 or 128 rounds (fp16 draft, M=6)
+	$(PY) benchmarks/bench_engine.py --methods ar,clasp_m6_loi32,clasp_m6_loi64,clasp_m6_loi128 --name loi $(BENCH_ARGS)
+
+bench-planner: setup  ## DP time per plan vs context length, M and layers
+	$(PY) benchmarks/bench_planner.py $(BENCH_ARGS)
+
+bench-all: bench bench-service bench-sampling bench-loi bench-planner  ## every benchmark above, one after another
 
 clean:  ## remove caches of Python and pytest
 	rm -rf .pytest_cache $$(find . -name __pycache__ -not -path './.venv/*')

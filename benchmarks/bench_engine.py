@@ -2,17 +2,25 @@
 
 Runs, side by side in one process on the same weights and the same prompt ids:
 
-  clasp             our engine, mode="clasp" (DP-planned skip sets)
+  clasp             our engine, mode="clasp" with the defaults: fp16 draft copy, adaptive draft
+                    control (clasp.controller) and context n-gram drafts
   ar                our engine, mode="ar" (plain autoregressive decoding, the baseline)
-  clasp_shared      our engine, mode="clasp" with the draft on the shared full-precision weights
-                    and M = half the layers: the paper's regime, where the DP does the work
-  static            our engine, mode="static" (one fixed skip set; not run by default)
+  clasp_fixed       clasp without the controller and n-gram drafts (always draft up to K)
+  clasp_shared      mode="clasp" with the draft on the shared full-precision weights and M = half
+                    the layers: the paper's regime, where the DP does the work (adaptive)
+  clasp_shared_fixed  the same without the controller: the paper's algorithm as published
+  clasp_m6_loi32/64/128  fp16 draft, M=6 chosen by the DP, re-planned every 32/64/128 rounds
+  static            our engine, mode="static" (one fixed skip set)
+  (not run by default: static, clasp_m6_loi*)
   hf_greedy         transformers model.generate(do_sample=False)
   hf_prompt_lookup  transformers generate(prompt_lookup_num_tokens=10)
   hf_early_exit     transformers generate(assistant_early_exit=~L/2) (self-speculative early exit)
 
-All methods are greedy and stop at EOS or max-new-tokens, so every method's output should be
-the same text; our engine's modes must emit exactly `ar`'s token ids (checked, counted).
+Greedy by default: every method stops at EOS or max-new-tokens, so every method's output should be
+the same text; our engine's modes must emit exactly `ar`'s token ids (checked, counted). With
+--temperature T > 0 only our engine's methods run, each seeded per question; outputs then differ
+by design (rejection sampling keeps the distribution, which tests/test_sampling.py checks) and
+speedup and acceptance are reported.
 For each question the methods run one after another, so a slow drift in machine load affects
 all methods alike (a short spike from another process still lands on one row: check the rows). Results go to benchmarks/results/engine-<tag>.{json,md}
 and benchmarks/results/engine-latest.md.
@@ -29,6 +37,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -43,16 +52,30 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
     sys.path.insert(0, str(REPO))
 
+from benchmarks.chart import chart_title, render_chart  # noqa: E402
 from clasp.config import ClaspConfig, SamplingParams  # noqa: E402
 from clasp.engine import Engine  # noqa: E402
 from clasp.loading import load_model, resolve_device, resolve_dtype  # noqa: E402
 
 DEFAULT_QUESTIONS = REPO.parent / "shared/data/spec_bench/question.jsonl"
 DEFAULT_OUT = REPO / "benchmarks" / "results"
-ENGINE_METHODS = ("clasp", "ar", "clasp_shared", "static")
+# Engine methods: (mode, config overrides on top of the flags' config).
+NOT_ADAPTIVE = {"adaptive": False, "ngram_size": 0}
+ENGINE_VARIANTS = {
+    "ar": ("ar", {}),
+    "clasp": ("clasp", {}),
+    "clasp_fixed": ("clasp", NOT_ADAPTIVE),
+    "clasp_shared": ("clasp", {"draft_dtype": None}),
+    "clasp_shared_fixed": ("clasp", {"draft_dtype": None, **NOT_ADAPTIVE}),
+    "clasp_m6_loi32": ("clasp", {"num_skip_layers": 6, "replan_interval": 32}),
+    "clasp_m6_loi64": ("clasp", {"num_skip_layers": 6, "replan_interval": 64}),
+    "clasp_m6_loi128": ("clasp", {"num_skip_layers": 6, "replan_interval": 128}),
+    "static": ("static", {}),
+}
+ENGINE_METHODS = tuple(ENGINE_VARIANTS)
 HF_METHODS = ("hf_greedy", "hf_prompt_lookup", "hf_early_exit")
-ALL_METHODS = ("ar", "clasp", "clasp_shared", "static") + HF_METHODS  # run order within a question: ar first
-DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "static")
+ALL_METHODS = ENGINE_METHODS + HF_METHODS  # run order within a question: ar first
+DEFAULT_METHODS = ("ar", "clasp", "clasp_fixed", "clasp_shared", "clasp_shared_fixed") + HF_METHODS
 # Spec-Bench's six categories; the eight MT-bench categories are reported as one.
 CATEGORIES = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 MT_BENCH = frozenset({"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"})
@@ -92,6 +115,10 @@ class Row:
     num_accepted_tokens: int | None = None
     plan_seconds: float | None = None
     skip_ratio: float | None = None  # round-weighted mean of |skip set| / num_layers
+    num_plain_rounds: int | None = None  # rounds the controller decoded without a draft
+    num_ngram_draft_tokens: int | None = None
+    num_ngram_accepted_tokens: int | None = None
+    plan_io_seconds: float | None = None
     matches_ar: bool | None = None  # token ids equal to `ar`'s on this question
     error: str | None = None
     token_ids: list[int] = dataclasses.field(default_factory=list, repr=False)
@@ -140,17 +167,19 @@ def skip_ratio(plans, num_rounds: int, num_layers: int) -> float:
     return sum(w * len(p.skip_set) for w, p in zip(weights, plans)) / (sum(weights) * num_layers)
 
 
-def engine_runner(engine: Engine, config: ClaspConfig, mode: str) -> Callable[[list[int], int], dict]:
-    """A function (prompt ids, max new tokens) -> row fields, for one mode of our engine."""
-    if mode == "clasp_shared":
-        mode_config = dataclasses.replace(config, mode="clasp", draft_dtype=None)
-    else:
-        mode_config = dataclasses.replace(config, mode=mode)
+def engine_runner(engine: Engine, config: ClaspConfig, method: str,
+                  temperature: float = 0.0) -> Callable[[list[int], int], dict]:
+    """A function (prompt ids, max new tokens) -> row fields, for one of ENGINE_VARIANTS.
+    Sampling (temperature > 0) is seeded by the prompt's length, the same for every method."""
+    mode, overrides = ENGINE_VARIANTS[method]
+    mode_config = dataclasses.replace(config, mode=mode, **overrides)
     num_layers = engine.runner.spec.num_layers
 
     def run(prompt_ids: list[int], max_new_tokens: int) -> dict:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                seed=len(prompt_ids) if temperature > 0 else None)
         t0 = time.perf_counter()
-        result = engine.generate(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens), mode_config)
+        result = engine.generate(prompt_ids, params, mode_config)
         seconds = time.perf_counter() - t0
         s = result.stats
         fields = dict(token_ids=list(result.token_ids), seconds=seconds, finish_reason=result.finish_reason)
@@ -158,7 +187,9 @@ def engine_runner(engine: Engine, config: ClaspConfig, mode: str) -> Callable[[l
             fields.update(mean_accepted_length=s.mean_accepted_length, acceptance_rate=s.acceptance_rate,
                           num_rounds=s.num_rounds, num_draft_tokens=s.num_draft_tokens,
                           num_accepted_tokens=s.num_accepted_tokens, plan_seconds=s.plan_seconds,
-                          skip_ratio=skip_ratio(result.plans, s.num_rounds, num_layers))
+                          skip_ratio=skip_ratio(result.plans, s.num_rounds, num_layers),
+                          num_plain_rounds=s.num_plain_rounds, num_ngram_draft_tokens=s.num_ngram_draft_tokens,
+                          num_ngram_accepted_tokens=s.num_ngram_accepted_tokens, plan_io_seconds=s.plan_io_seconds)
         return fields
 
     return run
@@ -183,7 +214,8 @@ def hf_runner(model, eos_ids: list[int], pad_id: int, extra: dict) -> Callable[[
     return run
 
 
-def build_runners(methods: list[str], engine: Engine, config: ClaspConfig, hf_model, early_exit_layer: int) -> dict:
+def build_runners(methods: list[str], engine: Engine, config: ClaspConfig, hf_model, early_exit_layer: int,
+                  temperature: float = 0.0) -> dict:
     runners = {}
     eos_ids = sorted(engine.eos_ids)
     pad_id = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else eos_ids[0]
@@ -191,7 +223,7 @@ def build_runners(methods: list[str], engine: Engine, config: ClaspConfig, hf_mo
                 "hf_early_exit": {"assistant_early_exit": early_exit_layer}}
     for method in methods:
         if method in ENGINE_METHODS:
-            runners[method] = engine_runner(engine, config, method)
+            runners[method] = engine_runner(engine, config, method, temperature)
         else:
             runners[method] = hf_runner(hf_model, eos_ids, pad_id, hf_extra[method])
     return runners
@@ -209,7 +241,8 @@ def warm_up(runners: dict, prompt_ids: list[int]) -> dict[str, str]:
     return broken
 
 
-def run_question(q: Question, prompt_ids: list[int], runners: dict, broken: dict, max_new_tokens: int) -> list[Row]:
+def run_question(q: Question, prompt_ids: list[int], runners: dict, broken: dict, max_new_tokens: int,
+                 sampling: bool = False) -> list[Row]:
     rows = []
     ar_ids = None
     for method, run in runners.items():
@@ -226,7 +259,7 @@ def run_question(q: Question, prompt_ids: list[int], runners: dict, broken: dict
                 row.error = f"{type(e).__name__}: {e}"
         if method == "ar" and row.error is None:
             ar_ids = row.token_ids
-        elif ar_ids is not None and row.error is None:
+        elif ar_ids is not None and row.error is None and not sampling:
             row.matches_ar = row.token_ids == ar_ids
         rows.append(row)
         status = row.error or (f"{row.num_tokens:4d} tok {row.seconds:6.2f} s {row.tokens_per_s:6.1f} tok/s"
@@ -250,6 +283,10 @@ def aggregate(rows: list[Row]) -> dict:
         drafted = sum(r.num_draft_tokens for r in spec)
         accepted = sum(r.num_accepted_tokens for r in spec)
         plan_seconds = sum(r.plan_seconds for r in spec)
+        out.update(plain_round_share=sum(r.num_plain_rounds or 0 for r in spec) / rounds,
+                   ngram_draft_tokens=sum(r.num_ngram_draft_tokens or 0 for r in spec),
+                   ngram_accepted_tokens=sum(r.num_ngram_accepted_tokens or 0 for r in spec),
+                   plan_io_share=sum(r.plan_io_seconds or 0.0 for r in spec) / sum(r.seconds for r in spec))
         out.update(mean_accepted_length=(accepted + rounds) / rounds,
                    acceptance_rate=accepted / drafted if drafted else 0.0,
                    skip_ratio=sum(r.skip_ratio * r.num_rounds for r in spec) / rounds,
@@ -335,31 +372,38 @@ def _tokens_per_s_cell(aggregate_row: dict | None) -> str:
 
 
 def render_markdown(summary: dict) -> str:
-    """The results table (one row per category plus overall) as markdown, from a summary dict."""
+    """The results as markdown: tokens/s per method, speedups over ar, and the speculation figures."""
     meta, tables = summary["meta"], summary["tables"]
     m = meta["machine"]
     methods = meta["methods"]
+    sampling = meta.get("temperature", 0.0) > 0
     lines = [f"Engine benchmark: {m['processor']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
              f"{m['device']}{', ' + m['cuda_device'] if m.get('cuda_device') else ''}), model {meta['model']}, "
              f"{meta['dtype']}, commit {meta['git_commit'] or 'unknown'}, max new tokens {meta['max_new_tokens']}, "
-             f"questions per category: {meta['questions_per_category']}, greedy, {meta['timestamp']}.", ""]
-    columns = [("clasp", "clasp tok/s"), ("clasp_shared", "clasp shared-weights tok/s"), ("ar", "ar tok/s"),
-               ("hf_greedy", "HF greedy tok/s"), ("hf_prompt_lookup", "HF prompt-lookup tok/s"),
-               ("hf_early_exit", "HF early-exit tok/s"), ("static", "static tok/s")]
-    columns = [(k, title) for k, title in columns if k in methods]
-    header = ["Category"] + [t for _, t in columns] + [
-        "clasp/ar", "shared/ar", "ar/HF", "accepted length (clasp / shared)", "skip ratio (shared)", "DP share (shared)"]
+             f"questions per category: {meta['questions_per_category']}, "
+             f"{'temperature ' + str(meta['temperature']) if sampling else 'greedy'}, {meta['timestamp']}.", ""]
+    others = [x for x in methods if x != "ar"]
+    header = (["Category"] + [f"{x} tok/s" for x in methods] + [f"{x}/ar" for x in others if "ar" in methods])
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for name, table in tables.items():
-        clasp, shared = table.get("clasp", {}), table.get("clasp_shared", {})
-        ar, hf = table.get("ar", {}), table.get("hf_greedy", {})
-        ar_hf = ar["tokens_per_s"] / hf["tokens_per_s"] if ar.get("tokens_per_s") and hf.get("tokens_per_s") else None
-        cells = [name] + [_tokens_per_s_cell(table.get(k)) for k, _ in columns] + [
-            _fmt(table["speedup_vs_ar"].get("clasp"), ".2f", "x"),
-            _fmt(table["speedup_vs_ar"].get("clasp_shared"), ".2f", "x"), _fmt(ar_hf, ".2f", "x"),
-            f"{_fmt(clasp.get('mean_accepted_length'), '.2f')} / {_fmt(shared.get('mean_accepted_length'), '.2f')}",
-            _fmt(shared.get("skip_ratio"), ".0%"), _fmt(shared.get("dp_share"), ".1%")]
+        cells = [name] + [_tokens_per_s_cell(table.get(x)) for x in methods]
+        if "ar" in methods:
+            cells += [_fmt(table["speedup_vs_ar"].get(x), ".2f", "x") for x in others]
         lines.append("| " + " | ".join(cells) + " |")
+    speculative = [x for x in methods if tables["overall"].get(x, {}).get("mean_accepted_length") is not None]
+    if speculative:
+        lines += ["", "Speculation, per method over all questions:", "",
+                  "| method | mean accepted length | acceptance | plain rounds | n-gram drafted / accepted | "
+                  "skip ratio | DP time share | plan I/O share |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for x in speculative:
+            t = tables["overall"][x]
+            lines.append(f"| {x} | {_fmt(t['mean_accepted_length'], '.2f')} | {_fmt(t['acceptance_rate'], '.1%')} | "
+                         f"{_fmt(t.get('plain_round_share'), '.0%')} | {t.get('ngram_draft_tokens', 0)} / "
+                         f"{t.get('ngram_accepted_tokens', 0)} | {_fmt(t['skip_ratio'], '.0%')} | "
+                         f"{_fmt(t['dp_share'], '.1%')} | {_fmt(t.get('plan_io_share'), '.2%')} |")
+        lines += ["", "Mean accepted length per category: " + "; ".join(
+            f"{name} " + ", ".join(f"{x} {_fmt(tables[name].get(x, {}).get('mean_accepted_length'), '.2f')}"
+                                   for x in speculative) for name in tables if name != "overall")]
     lines += ["", _notes(summary)]
     return "\n".join(lines) + "\n"
 
@@ -370,16 +414,22 @@ def _notes(summary: dict) -> str:
     same = [f"{m} {t['num_questions'] - t['mismatches_vs_ar']}/{t['num_questions']}"
             for m, t in overall.items() if m in ALL_METHODS and t.get("mismatches_vs_ar") is not None]
     if same:
-        clasp_bad = overall.get("clasp", {}).get("mismatches_vs_ar")
-        notes.append("questions whose token ids equal ar's: " + ", ".join(same)
-                     + ("" if clasp_bad is None else f" (clasp mismatches: {clasp_bad})"))
-    if overall.get("clasp", {}).get("acceptance_rate") is not None:
-        notes.append(f"clasp acceptance rate {overall['clasp']['acceptance_rate']:.1%}")
+        notes.append("questions whose token ids equal ar's: " + ", ".join(same))
+    bound = meta.get("bandwidth")
+    if bound:
+        ar = overall.get("ar", {}).get("tokens_per_s")
+        notes.append(f"memory bandwidth {bound['gb_per_s']:.1f} GB/s (read of a {bound['buffer_mib']} MiB buffer); "
+                     f"the full model reads {bound['bytes_per_token'] / 2**20:.0f} MiB of weights per plain step, "
+                     f"so a step takes at least {bound['min_ms_per_token']:.1f} ms"
+                     + (f"; ar ran at {1000 / ar:.1f} ms/token, {bound['min_ms_per_token'] * ar / 1000:.0%} of that bound"
+                        if ar else ""))
     cfg = meta["config"]
-    notes.append(f"config: M={meta['num_skip_layers']} of {meta['num_layers']} layers, K={cfg['max_draft_length']}, "
-                 f"exit threshold {cfg['draft_exit_threshold']}, replan every {cfg['replan_interval']} rounds, "
-                 f"draft dtype {cfg['draft_dtype'] or 'shared weights'}; HF early exit at layer {meta['early_exit_layer']}, "
-                 f"prompt lookup {PROMPT_LOOKUP_TOKENS} tokens")
+    notes.append(f"config: M={meta['num_skip_layers']} of {meta['num_layers']} layers (shared-weight variants: "
+                 f"{meta.get('shared_num_skip_layers')}), K={cfg['max_draft_length']}, exit threshold "
+                 f"{cfg['draft_exit_threshold']}, replan every {cfg['replan_interval']} rounds, draft dtype "
+                 f"{cfg['draft_dtype'] or 'shared weights'} ({meta.get('draft_copy_mib', 0):.0f} MiB extra), n-gram "
+                 f"size {cfg.get('ngram_size')}; HF early exit at layer {meta['early_exit_layer']}, prompt lookup "
+                 f"{PROMPT_LOOKUP_TOKENS} tokens")
     errors = [f"{m}: {t['error']}" for m, t in overall.items() if m in ALL_METHODS and t.get("error")]
     notes += [f"error {e}" for e in errors]
     notes.append(f"peak RSS {meta['peak_rss_mib']:.0f} MiB (process, both models loaded); "
@@ -387,9 +437,24 @@ def _notes(summary: dict) -> str:
     return "\n".join(f"- {n}" for n in notes)
 
 
+def measure_bandwidth(device: torch.device, mib: int = 1024, repeats: int = 5) -> float:
+    """Bytes per second reading a buffer much larger than the caches (best of `repeats`)."""
+    buffer = torch.ones(mib * 2**20 // 4, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        buffer.sum()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return mib * 2**20 / best
+
+
 def write_results(summary: dict, out_dir: Path, tag: str, prefix: str = "engine",
-                  render: Callable[[dict], str] = render_markdown) -> Path:
-    """<prefix>-<tag>.json and .md in out_dir, and <prefix>-latest.md overwritten."""
+                  render: Callable[[dict], str] = render_markdown, baseline: str = "ar") -> Path:
+    """<prefix>-<tag>.{json,md,png} in out_dir, and <prefix>-latest.{md,png} overwritten."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{prefix}-{tag}"
     json_path = stem.with_suffix(".json")
@@ -397,6 +462,8 @@ def write_results(summary: dict, out_dir: Path, tag: str, prefix: str = "engine"
     markdown = render(summary)
     stem.with_suffix(".md").write_text(markdown)
     (out_dir / f"{prefix}-latest.md").write_text(markdown)
+    png = render_chart(summary, stem.with_suffix(".png"), baseline, chart_title(summary, f"{prefix} benchmark"))
+    shutil.copyfile(png, out_dir / f"{prefix}-latest.png")
     return json_path
 
 
@@ -413,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                "~55-60 ms/token, hf_early_exit ~250-300 ms/token) that is ~6 minutes including loading and warm-up, "
                "less when answers end at EOS, more when the CPU is shared. --max-new-tokens 128 takes ~7.5 minutes, "
                "--per-category 2 ~11.5; --full runs all 480 questions (hours on a CPU). Results: benchmarks/results/engine-<tag>.{json,md} and engine-latest.md.")
-    add_question_args(parser, DEFAULT_METHODS, ALL_METHODS, "all but static", "ar")
+    add_question_args(parser, DEFAULT_METHODS, ALL_METHODS, ",".join(DEFAULT_METHODS), "ar")
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
@@ -437,13 +504,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-dtype", default=None, choices=["float32", "float16", "bfloat16", "none"],
                    help=f"dtype of the draft's weight copy; 'none' shares the full weights "
                         f"(default: {defaults.draft_dtype})")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sample at this temperature (our engine's methods only; default: 0, greedy)")
     g = parser.add_argument_group("peers")
     g.add_argument("--early-exit-layer", type=int, default=None,
                    help="layer for transformers' assistant_early_exit (default: half the model's layers)")
     g = parser.add_argument_group("output")
     g.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="results directory (default: benchmarks/results); engine-latest.md there is overwritten")
-    g.add_argument("--tag", default=None, help="results file name: engine-<tag>.json/.md (default: a timestamp)")
+    g.add_argument("--name", default="engine",
+                   help="results file prefix: <name>-<tag>.{json,md,png} and <name>-latest.{md,png} (default: engine)")
+    g.add_argument("--tag", default=None, help="results file name: <name>-<tag>.json/.md (default: a timestamp)")
     return parser
 
 
@@ -475,6 +546,10 @@ def parse_methods(text: str, allowed: tuple[str, ...] = ALL_METHODS) -> list[str
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     methods = parse_methods(args.methods)
+    if args.temperature > 0 and any(m in HF_METHODS for m in methods):
+        if args.methods != ",".join(DEFAULT_METHODS):
+            raise SystemExit("--temperature: sampling runs our engine's methods only; drop the hf_* methods")
+        methods = [m for m in methods if m not in HF_METHODS]
     transformers.utils.logging.set_verbosity_error()  # keep stderr to the progress lines
     transformers.utils.logging.disable_progress_bar()
     if args.threads:
@@ -489,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     num_layers = engine.runner.spec.num_layers
     early_exit_layer = args.early_exit_layer or num_layers // 2
     hf_model = load_model(args.model, dtype, device)[0] if any(m in HF_METHODS for m in methods) else None
-    runners = build_runners(methods, engine, config, hf_model, early_exit_layer)
+    runners = build_runners(methods, engine, config, hf_model, early_exit_layer, args.temperature)
 
     questions = load_questions(args.questions, None if args.full else args.per_category)
     print(f"{len(questions)} questions x {len(methods)} methods ({','.join(methods)}), "
@@ -497,7 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     broken = warm_up(runners, engine.encode(WARMUP_PROMPT))
     rows = []
     for q in questions:
-        rows += run_question(q, engine.encode(q.prompt), runners, broken, args.max_new_tokens)
+        rows += run_question(q, engine.encode(q.prompt), runners, broken, args.max_new_tokens, args.temperature > 0)
+    bandwidth = measure_bandwidth(device)
+    bytes_per_token = engine.runner.weights.nbytes()  # a plain step reads every layer, the final norm and the lm_head
 
     per_category = "all" if args.full else args.per_category
     meta = {"timestamp": timestamp.isoformat(timespec="seconds"), "machine": machine_info(device),
@@ -505,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
             "git_commit": git_commit(), "methods": methods, "max_new_tokens": args.max_new_tokens,
             "questions_per_category": per_category, "num_questions": len(questions),
             "questions_file": str(args.questions), "config": dataclasses.asdict(config), "num_layers": num_layers,
+            "temperature": args.temperature,
+            "shared_num_skip_layers": config.skip_count(num_layers, False),
+            "bandwidth": {"gb_per_s": bandwidth / 1e9, "buffer_mib": 1024, "bytes_per_token": bytes_per_token,
+                          "min_ms_per_token": 1000 * bytes_per_token / bandwidth},
             "num_skip_layers": config.skip_count(num_layers, engine.runner.draft_has_copy),
             "early_exit_layer": early_exit_layer, "prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS,
             "warmup_errors": broken, "peak_rss_mib": peak_rss_mib(),
@@ -513,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_seconds": time.perf_counter() - started}
     row_dicts = [{k: v for k, v in dataclasses.asdict(r).items() if k != "token_ids"} for r in rows]
     summary = {"meta": meta, "tables": summarize_rows(rows, methods), "rows": row_dicts}
-    path = write_results(summary, args.out, args.tag or timestamp.strftime("%Y%m%d-%H%M%S"))
+    path = write_results(summary, args.out, args.tag or timestamp.strftime("%Y%m%d-%H%M%S"), prefix=args.name)
     print(render_markdown(summary), file=sys.stderr)
     print(f"wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
     return 0

@@ -103,6 +103,8 @@ class ServiceRow:
     num_draft_tokens: int | None = None
     num_accepted_tokens: int | None = None
     plan_versions: list[int] | None = None  # gRPC only: planner plans the decoder adopted, in order
+    plan_io_seconds: float | None = None  # gRPC only: decoder time on plan requests and adoption
+    decode_seconds: float | None = None  # gRPC only: the generation's time in the decoder's engine
     matches_grpc_ar: bool | None = None
     error: str | None = None
     token_ids: list[int] = dataclasses.field(default_factory=list, repr=False)
@@ -299,7 +301,8 @@ def grpc_runner(client: ClaspClient, options: dict) -> Runner:
                       num_prompt_tokens=done.num_prompt_tokens, plan_versions=s["plan_versions"])
         if speculative:
             fields.update(mean_accepted_length=s["mean_accepted_length"], num_rounds=s["num_rounds"],
-                          num_draft_tokens=s["num_draft_tokens"], num_accepted_tokens=s["num_accepted_tokens"])
+                          num_draft_tokens=s["num_draft_tokens"], num_accepted_tokens=s["num_accepted_tokens"],
+                          plan_io_seconds=s["plan_io_seconds"], decode_seconds=s["decode_seconds"])
         return fields
 
     return run
@@ -400,6 +403,9 @@ def aggregate(rows: list[ServiceRow]) -> dict:
     planned = [r for r in ok if r.plan_versions is not None]
     if planned:
         out["plan_versions"] = sum(len(r.plan_versions) for r in planned)
+    timed = [r for r in ok if r.decode_seconds]
+    if timed:
+        out["plan_io_share"] = sum(r.plan_io_seconds or 0.0 for r in timed) / sum(r.decode_seconds for r in timed)
     errors = [r.error for r in rows if r.error]
     if errors:
         out["error"] = errors[0]
@@ -459,7 +465,8 @@ def _notes(summary: dict) -> str:
         notes.append(f"grpc_clasp_dp (M={DP_SKIP_LAYERS}, DP via the planner): {dp['tokens_per_s']:.1f} tok/s, "
                      f"{_fmt(overall['ratios']['clasp_dp_vs_ar_grpc'], '.2f', 'x')} vs grpc_ar, mean accepted length "
                      f"{_fmt(dp.get('mean_accepted_length'), '.2f')}, {_fmt(dp.get('plan_versions'), 'd')} plan "
-                     f"versions adopted over {dp['num_questions']} questions")
+                     f"versions adopted over {dp['num_questions']} questions; the decoder's time on plan "
+                     f"requests and adoption: {_fmt(dp.get('plan_io_share'), '.3%')} of its decode time")
     ttft = [f"{m} {overall[m]['ttft_ms']:.0f}" for m in methods if overall[m].get("ttft_ms") is not None]
     if ttft:
         notes.append("mean time to first token, ms (client-side, prefill included): " + ", ".join(ttft))
@@ -560,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": peak_rss_mib(), "services": services, "wall_seconds": time.perf_counter() - started}
     row_dicts = [{k: v for k, v in dataclasses.asdict(r).items() if k != "token_ids"} for r in rows]
     summary = {"meta": meta, "tables": summarize_rows(rows, methods), "rows": row_dicts}
-    path = write_results(summary, args.out, args.tag or timestamp.strftime("%Y%m%d-%H%M%S"), prefix="service",
+    path = write_results(summary, args.out, args.tag or timestamp.strftime("%Y%m%d-%H%M%S"), prefix="service", baseline="grpc_ar",
                          render=render_markdown)
     print(render_markdown(summary), file=sys.stderr)
     print(f"wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)

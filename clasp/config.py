@@ -26,6 +26,10 @@ class ClaspConfig:
     replan_interval: int = 32  # LOI, in verification rounds
     static_skip_set: tuple[int, ...] | None = None  # static mode; None -> evenly spread middle layers
     draft_dtype: str | None = "float16"  # weights of the draft copy; None -> share the full weights
+    # Choose each round's draft source and length from measured acceptance and costs, and stop
+    # drafting while it does not pay (clasp.controller). False: always draft up to K with the model.
+    adaptive: bool = True
+    ngram_size: int = 3  # longest context n-gram looked up for prompt-lookup drafts; 0 disables them
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -41,6 +45,8 @@ class ClaspConfig:
             raise ValueError(f"draft_exit_threshold must be in [0, 1], got {self.draft_exit_threshold}")
         if self.replan_interval < 1:
             raise ValueError(f"replan_interval must be >= 1, got {self.replan_interval}")
+        if not 0 <= self.ngram_size <= 16 or self.ngram_size == 1:
+            raise ValueError(f"ngram_size must be 0 (off) or in [2, 16], got {self.ngram_size}")
         if self.draft_dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"draft_dtype must be float32, float16, bfloat16 or None, got {self.draft_dtype!r}")
         if self.static_skip_set is not None:

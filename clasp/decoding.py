@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from clasp.config import ClaspConfig, SamplingParams
+from clasp.controller import MODEL, NGRAM, PLAIN, DraftController, NgramIndex, RoundChoice
 from clasp.kv_cache import KVCache
 from clasp.model_runner import ModelRunner
 from clasp.plan_exchange import LocalPlanner, PlanExchange, PlanInput
@@ -34,6 +35,9 @@ class RoundResult:
     next_token_id: int  # the resampled or bonus token
     hidden: torch.Tensor | None  # [L+1, hidden], full-model states of the last accepted token
     hidden_position: int  # that token's position
+    num_drafted: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
 
 
 @dataclasses.dataclass
@@ -200,23 +204,44 @@ class _Output:
                 return
 
 
+def context_proposal(token_ids: list[int], params: SamplingParams, vocab_size: int, device) -> Proposal:
+    """A draft taken from the context (n-gram lookup): its distribution is one-hot, so rejection
+    sampling accepts token x with probability p(x) and resamples from p with x removed."""
+    ids = torch.tensor(token_ids, device=device)
+    probs = None
+    if not params.greedy:
+        probs = torch.zeros(len(token_ids), vocab_size, device=device).scatter_(1, ids[:, None], 1.0)
+    return Proposal(ids, probs)
+
+
 def self_speculative_step(runner: ModelRunner, cache: KVCache, token_id: int, position: int,
-                          skip_set: frozenset[int], num_draft: int, config: ClaspConfig, params: SamplingParams,
+                          skip_set: frozenset[int], choice: RoundChoice, config: ClaspConfig, params: SamplingParams,
                           generator: torch.Generator | None, stats: DecodeStats,
                           collect_hidden: bool) -> tuple[list[int], RoundResult]:
-    """One round: draft up to num_draft tokens (0: a plain step), verify, accept. Returns the
-    emitted token ids (accepted drafts + the resampled/bonus token) and the round's result."""
+    """One round: draft as `choice` says (up to choice.num_draft tokens from the layer-skip model,
+    the given n-gram continuation, or nothing: a plain step), verify, accept. Returns the emitted
+    token ids (accepted drafts + the resampled/bonus token) and the round's result."""
     t0 = time.perf_counter()
     proposal = None
-    if num_draft > 0:
-        proposal = draft(runner, cache, token_id, position, skip_set, num_draft, config.draft_exit_threshold,
+    if choice.source == NGRAM:
+        proposal = context_proposal(choice.ngram, params, runner.spec.vocab_size, runner.device)
+    elif choice.source == MODEL and choice.num_draft > 0:
+        proposal = draft(runner, cache, token_id, position, skip_set, choice.num_draft, config.draft_exit_threshold,
                          params, generator, use_copy=config.draft_dtype is not None)
     t1 = time.perf_counter()
     result = verify(runner, cache, token_id, position, proposal, params, generator, collect_hidden)
-    stats.draft_seconds += t1 - t0
-    stats.verify_seconds += time.perf_counter() - t1
+    result.draft_seconds, result.verify_seconds = t1 - t0, time.perf_counter() - t1
+    stats.draft_seconds += result.draft_seconds
+    stats.verify_seconds += result.verify_seconds
     drafted = [] if proposal is None else proposal.token_ids.tolist()
+    result.num_drafted = len(drafted)
     stats.observe_round(len(drafted), result.accepted_length)
+    if choice.source == NGRAM:
+        stats.num_ngram_drafts += 1
+        stats.num_ngram_draft_tokens += len(drafted)
+        stats.num_ngram_accepted_tokens += result.accepted_length
+    elif not drafted:
+        stats.num_plain_rounds += 1
     return drafted[:result.accepted_length] + [result.next_token_id], result
 
 
@@ -278,23 +303,52 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
     token_id = select_token(logits, params, generator)
     position = len(prompt_ids)  # where token_id (emitted, not yet run) will be processed
     chunk = out.add([token_id])
+    controller = None
+    if speculative and config.adaptive:
+        # Seeded sampling: costs from weight bytes, not timings, so the same seed draws the same tokens.
+        fixed = byte_costs(runner, num_skip) if params.seed is not None and not params.greedy else None
+        controller = DraftController(config.max_draft_length, fixed_costs=fixed)
+    ngrams = None
+    if speculative and config.adaptive and config.ngram_size:
+        ngrams = NgramIndex(config.ngram_size)
+        ngrams.extend(prompt_ids + [token_id])
     while out.finish_reason is None:
         yield chunk
-        num_draft = min(config.max_draft_length, max_new - len(out.token_ids) - 1) if speculative else 0
+        budget = min(config.max_draft_length, max_new - len(out.token_ids) - 1) if speculative else 0
+        if controller is not None:
+            choice = controller.choose(budget, ngrams.lookup(budget) if ngrams is not None and budget > 0 else None)
+        else:
+            choice = RoundChoice(MODEL if budget > 0 else PLAIN, budget)
         replan = dynamic and (stats.num_rounds + 1) % config.replan_interval == 0
-        new_ids, result = self_speculative_step(runner, cache, token_id, position, skip_set, num_draft, config,
+        new_ids, result = self_speculative_step(runner, cache, token_id, position, skip_set, choice, config,
                                                 params, generator, stats, collect_hidden=replan)
+        if controller is not None:
+            controller.observe(choice, result.num_drafted, result.accepted_length, result.draft_seconds,
+                               result.verify_seconds)
         chunk = out.add(new_ids)
+        if ngrams is not None:
+            ngrams.extend(chunk.token_ids)
         position += result.accepted_length + 1
         token_id = result.next_token_id
-        if replan and out.finish_reason is None:  # a finished request has nothing left to plan for
-            context = (prompt_ids + out.token_ids)[:result.hidden_position + 1]
-            exchange.submit(PlanInput(stats.num_rounds, result.hidden, result.hidden_position, context, num_skip))
         if dynamic:
+            t_plan = time.perf_counter()
+            if replan and out.finish_reason is None:  # a finished request has nothing left to plan for
+                context = (prompt_ids + out.token_ids)[:result.hidden_position + 1]
+                exchange.submit(PlanInput(stats.num_rounds, result.hidden, result.hidden_position, context, num_skip))
             skip_set = _poll(exchange, skip_set, num_skip, stats.num_rounds, plans, stats)
+            stats.plan_io_seconds += time.perf_counter() - t_plan
     chunk.result = GenerationResult(out.text, out.token_ids, out.finish_reason, len(prompt_ids), stats, plans,
                                     time.perf_counter() - started)
     yield chunk
+
+
+def byte_costs(runner: ModelRunner, num_skip: int) -> tuple[float, float, float]:
+    """(draft cost per token, plain step, extra verify row) in units of a plain step, from the weight
+    bytes each reads: what they cost on memory-bound hardware. An extra row costs ~1% of a step."""
+    full = runner.weights.nbytes()
+    draft_lm_head = runner.draft_weights.lm_head.numel() * runner.draft_weights.lm_head.element_size()
+    draft_layers = (runner.draft_weights.nbytes() - draft_lm_head) * (runner.spec.num_layers - num_skip)
+    return (draft_layers / runner.spec.num_layers + draft_lm_head) / full, 1.0, 0.01
 
 
 def _poll(exchange: PlanExchange, skip_set: frozenset[int], num_skip: int, step: int, plans: list[PlanRecord],

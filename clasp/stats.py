@@ -13,10 +13,15 @@ class DecodeStats:
     num_accepted_tokens: int = 0  # tau summed over rounds (never counts resampled/bonus tokens)
     accepted_per_position: list[int] = dataclasses.field(default_factory=list)  # [k]: rounds accepting draft k
     accepted_lengths: list[int] = dataclasses.field(default_factory=list)  # tau per round
+    num_plain_rounds: int = 0  # rounds the controller decoded without drafting (speculative modes)
+    num_ngram_drafts: int = 0  # rounds that drafted from the context (n-gram lookup)
+    num_ngram_draft_tokens: int = 0
+    num_ngram_accepted_tokens: int = 0
     num_replans: int = 0
     plan_seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    plan_io_seconds: float = 0.0  # decode-thread time spent submitting plan requests and polling for plans
 
     def observe_round(self, num_drafted: int, accepted_length: int) -> None:
         self.num_rounds += 1

@@ -70,7 +70,10 @@ def test_clasp_matches_ar(engine, ar_outputs, prompt, chat, limit):
     ClaspConfig(mode="clasp", num_skip_layers=15, max_draft_length=3, draft_exit_threshold=0.0),
     ClaspConfig(mode="static", num_skip_layers=6),
     ClaspConfig(mode="static", static_skip_set=(1, 5, 9, 20)),
-], ids=["defaults", "M0-fp32-draft", "M15-K3-no-exit", "static-M6", "static-explicit"])
+    ClaspConfig(adaptive=False),
+    ClaspConfig(mode="clasp", num_skip_layers=20, draft_dtype=None, ngram_size=0),
+], ids=["defaults", "M0-fp32-draft", "M15-K3-no-exit", "static-M6", "static-explicit", "not-adaptive",
+        "M20-shared-no-ngram"])
 def test_other_settings_match_ar(engine, ar_outputs, config):
     for prompt, chat, limit in PROMPTS[2:5]:
         result = engine.generate(engine.encode(prompt, chat=chat), SamplingParams(max_new_tokens=limit), config)
@@ -79,8 +82,9 @@ def test_other_settings_match_ar(engine, ar_outputs, config):
 
 def test_empty_skip_set_accepts_every_draft(engine):
     """The draft with no layers skipped and the same fp32 weights is the full model."""
+    # Not adaptive: a draft as costly as the full model never pays, so the controller would stop it.
     config = ClaspConfig(mode="static", static_skip_set=(), draft_dtype=None, max_draft_length=4,
-                         draft_exit_threshold=0.0)
+                         draft_exit_threshold=0.0, adaptive=False)
     result = engine.generate(engine.encode(PROMPTS[2][0]), SamplingParams(max_new_tokens=40, ignore_eos=True), config)
     assert result.stats.num_draft_tokens > 0
     assert result.stats.num_accepted_tokens == result.stats.num_draft_tokens
