@@ -456,13 +456,13 @@ def write_results(summary: dict, out_dir: Path, tag: str, prefix: str = "engine"
                   render: Callable[[dict], str] = render_markdown, baseline: str = "ar") -> Path:
     """<prefix>-<tag>.{json,md,png} in out_dir, and <prefix>-latest.{md,png} overwritten."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{prefix}-{tag}"
-    json_path = stem.with_suffix(".json")
+    stem = f"{prefix}-{tag}"  # not Path.with_suffix: a prefix like "sampling-t0.7" has a dot
+    json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(summary, indent=1) + "\n")
     markdown = render(summary)
-    stem.with_suffix(".md").write_text(markdown)
+    (out_dir / f"{stem}.md").write_text(markdown)
     (out_dir / f"{prefix}-latest.md").write_text(markdown)
-    png = render_chart(summary, stem.with_suffix(".png"), baseline, chart_title(summary, f"{prefix} benchmark"))
+    png = render_chart(summary, out_dir / f"{stem}.png", baseline, chart_title(summary, f"{prefix} benchmark"))
     shutil.copyfile(png, out_dir / f"{prefix}-latest.png")
     return json_path
 
@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"meta": meta, "tables": summarize_rows(rows, methods), "rows": row_dicts}
     path = write_results(summary, args.out, args.tag or timestamp.strftime("%Y%m%d-%H%M%S"), prefix=args.name)
     print(render_markdown(summary), file=sys.stderr)
-    print(f"wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
+    print(f"wrote {path} and the .md and .png beside it", file=sys.stderr)
     return 0
 
 

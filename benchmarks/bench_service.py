@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results(summary, args.out, args.tag or timestamp.strftime("%Y%m%d-%H%M%S"), prefix="service", baseline="grpc_ar",
                          render=render_markdown)
     print(render_markdown(summary), file=sys.stderr)
-    print(f"wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
+    print(f"wrote {path} and the .md and .png beside it", file=sys.stderr)
     return 0
 
 

@@ -52,12 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=MODES, default=DEFAULTS.mode,
                    help="ar: plain decoding; clasp: DP-planned skip sets; static: a fixed skip set")
     g.add_argument("--num-skip-layers", type=int, default=None,
-                   help=f"M, layers skipped while drafting (default: {DEFAULTS.copied_draft_skip_ratio:.0%} of the layers with a "
-                        f"half-precision draft copy, {DEFAULTS.shared_draft_skip_ratio:.0%} when the draft shares the weights)")
+                   help=f"M, layers skipped while drafting (default: {DEFAULTS.copied_draft_skip_ratio * 100:.0f}%% of the layers with a "
+                        f"half-precision draft copy, {DEFAULTS.shared_draft_skip_ratio * 100:.0f}%% when the draft shares the weights)")
     g.add_argument("--max-draft-length", type=int, default=DEFAULTS.max_draft_length, help="K, tokens drafted per round at most")
     g.add_argument("--draft-exit-threshold", type=float, default=DEFAULTS.draft_exit_threshold,
                    help="stop drafting when the draft's top probability falls below this")
     g.add_argument("--replan-interval", type=int, default=DEFAULTS.replan_interval, help="LOI: re-run the DP every N verification rounds")
+    g.add_argument("--no-adaptive", dest="adaptive", action="store_false",
+                   help="always draft up to K with the model (default: choose each round's draft source and length "
+                        "from measured costs, and decode plainly while drafting does not pay)")
+    g.add_argument("--ngram-size", type=int, default=DEFAULTS.ngram_size,
+                   help="longest context n-gram for prompt-lookup drafts in adaptive mode; 0 disables them")
     g.add_argument("--skip-layers", type=_layer_list, default=None, help="static mode's skip set, e.g. 4,8,12 (0-based)")
     g.add_argument("--draft-dtype", default=DEFAULTS.draft_dtype, choices=["float32", "float16", "bfloat16", "none"],
                    help="dtype of the draft's weight copy ('none' shares the full weights); verification always uses the model dtype")
@@ -79,6 +84,7 @@ def _generate(args: argparse.Namespace) -> int:
     config = ClaspConfig(
         mode=args.mode, num_skip_layers=args.num_skip_layers, max_draft_length=args.max_draft_length,
         draft_exit_threshold=args.draft_exit_threshold, replan_interval=args.replan_interval,
+        adaptive=args.adaptive, ngram_size=args.ngram_size,
         static_skip_set=args.skip_layers, draft_dtype=None if args.draft_dtype == "none" else args.draft_dtype)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
