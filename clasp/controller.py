@@ -5,13 +5,13 @@ Speculation pays only when the tokens it saves are worth more than drafting them
 the verification. The controller measures, as decoding goes:
 
 - the layer-skip draft's cost, seconds per drafted token;
-- the verification's cost as a line in its rows, v(r) = v1 + slope * (r - 1), by decayed least
-  squares over the rounds' (rows, seconds) (v1 is also the cost of a plain decoding step);
+- the verification's cost by rows: a decayed mean per row count, falling back to a line fitted
+  by decayed least squares for row counts not seen yet (1 row is also a plain decoding step);
 - per draft source and position k, the acceptance rate a_k = P(draft k accepted | drafts
   before it accepted), as decayed counts starting from a prior.
 
 A round drafting up to k tokens is expected to emit E = 1 + sum_{i<=k} prod_{j<=i} a_j tokens and
-cost T = (drafted tokens x draft cost) + v(k + 1). Each round takes the choice with the most
+cost T = (drafted tokens x draft cost) + verify(k + 1 rows). Each round takes the choice with the most
 expected tokens per second: a plain step (E = 1, T = v1), the model draft capped at the k that
 maximizes E/T, or the context's n-gram continuation (no draft cost). When a plain step wins, the
 controller probes the model draft again after a back-off that doubles (up to max_backoff rounds)
@@ -61,16 +61,27 @@ class AcceptanceStats:
 
 
 class VerifyCost:
-    """v(r) = v1 + slope * (r - 1) from decayed least squares over (rows, seconds)."""
+    """Verification seconds by rows: a decayed mean per row count seen, else the line
+    v(r) = v1 + slope * (r - 1) from decayed least squares over all (rows, seconds). BLAS kernels
+    make the cost uneven in r (on the dev CPU 1 and 2 rows cost the same, 9 rows 40% more than 8)."""
 
     def __init__(self, decay: float) -> None:
         self.decay = decay
         self.w = self.sr = self.srr = self.sv = self.srv = 0.0
+        self.by_rows: dict[int, float] = {}
 
     def observe(self, rows: int, seconds: float) -> None:
         d = self.decay
         self.w, self.sr, self.srr = d * self.w + 1, d * self.sr + rows, d * self.srr + rows * rows
         self.sv, self.srv = d * self.sv + seconds, d * self.srv + rows * seconds
+        seen = self.by_rows.get(rows)
+        self.by_rows[rows] = seconds if seen is None else d * seen + (1 - d) * seconds
+
+    def cost(self, rows: int) -> float:
+        if rows in self.by_rows:
+            return self.by_rows[rows]
+        v1, slope = self.line()
+        return v1 + slope * (rows - 1)
 
     @property
     def known(self) -> bool:
@@ -111,20 +122,17 @@ class DraftController:
         k_max = min(self.max_draft_length, budget)
         if k_max <= 0:
             return RoundChoice(PLAIN, 0)
-        if self.fixed_costs is not None:
-            draft_cost, v1, slope = self.fixed_costs
-        elif self.draft_cost is None or not self.verify.known:  # nothing measured yet: draft
-            return RoundChoice(MODEL, k_max)
-        else:
-            draft_cost, (v1, slope) = self.draft_cost, self.verify.line()
+        if self.fixed_costs is None and (self.draft_cost is None or not self.verify.known):
+            return RoundChoice(MODEL, k_max)  # nothing measured yet: draft
+        draft_cost, verify_cost = self._costs()
         best = RoundChoice(PLAIN, 0)
-        best_rate = 1.0 / v1
+        best_rate = 1.0 / verify_cost(1)
         if ngram:
             proposal = ngram[:k_max]
-            k, rate = self._best_length(self.ngram.cumulative(len(proposal)), 0.0, v1, slope)
+            k, rate = self._best_length(self.ngram.cumulative(len(proposal)), 0.0, verify_cost)
             if k and rate > best_rate:
                 best, best_rate = RoundChoice(NGRAM, k, proposal[:k]), rate
-        k, rate = self._best_length(self.model.cumulative(k_max), draft_cost, v1, slope)
+        k, rate = self._best_length(self.model.cumulative(k_max), draft_cost, verify_cost)
         if k and rate > best_rate:
             best, best_rate = RoundChoice(MODEL, k), rate
         if best.source == MODEL:
@@ -136,13 +144,20 @@ class DraftController:
             return RoundChoice(MODEL, k_max)
         return best
 
-    def _best_length(self, cumulative: list[float], draft_cost: float, v1: float, slope: float) -> tuple[int, float]:
+    def _costs(self):
+        """(draft seconds per token, verify seconds as a function of rows), measured or fixed."""
+        if self.fixed_costs is not None:
+            draft_cost, v1, slope = self.fixed_costs
+            return draft_cost, lambda rows: v1 + slope * (rows - 1)
+        return self.draft_cost, self.verify.cost
+
+    def _best_length(self, cumulative: list[float], draft_cost: float, verify_cost) -> tuple[int, float]:
         """The draft length with the most expected tokens per second, and that rate."""
         best_k, best_rate, expected = 0, 0.0, 1.0
         for k, p in enumerate(cumulative, start=1):
             expected += p
             drafted = min(k, max(self.model_drafted, 1.0)) if draft_cost else k
-            rate = expected / (drafted * draft_cost + v1 + slope * k)
+            rate = expected / (drafted * draft_cost + verify_cost(k + 1))
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k, best_rate
@@ -162,9 +177,9 @@ class DraftController:
             if self.probing:
                 self.probing = False
                 # Still not paying after the probe: wait twice as long next time; paying: half as long.
-                draft_cost, v1, slope = self.fixed_costs or (self.draft_cost, *self.verify.line())
-                k, rate = self._best_length(self.model.cumulative(self.max_draft_length), draft_cost, v1, slope)
-                self.backoff = (min(self.backoff * 2, self.max_backoff) if not k or rate <= 1.0 / v1
+                draft_cost, verify_cost = self._costs()
+                k, rate = self._best_length(self.model.cumulative(self.max_draft_length), draft_cost, verify_cost)
+                self.backoff = (min(self.backoff * 2, self.max_backoff) if not k or rate <= 1.0 / verify_cost(1)
                                 else max(self.backoff // 2, self.min_backoff))
             self.plain_streak = 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -71,15 +72,51 @@ class Weights:
 FEW_ROWS = 16  # up to this many rows, (w @ x.T).T beats F.linear on CPU (README, performance notes)
 
 
+# Whether a single fp32 row on CPU is computed as two rows (set by calibrate_single_row()).
+# On the dev CPU, MKL's matrix-vector kernel streams weights at ~10 GB/s and its two-column
+# matrix product at ~30 GB/s: all the model's matrices took 50 ms one way and 16 ms the other
+# (docs/performance.md). Other CPUs and BLAS builds may differ, so it is measured, not assumed.
+_PAD_SINGLE_ROW = False
+
+
+def calibrate_single_row(w: torch.Tensor, repeats: int = 5) -> bool:
+    """Time one row against two rows on a large fp32 CPU matrix (best of `repeats`) and use
+    the faster from now on, for every fp32 1-row product in this process. Returns the choice."""
+    global _PAD_SINGLE_ROW
+    if w.dtype != torch.float32 or w.device.type != "cpu":
+        return _PAD_SINGLE_ROW
+    x = torch.randn(1, w.shape[1], dtype=w.dtype)
+    x2 = torch.cat([x, x])
+
+    def best(inputs: torch.Tensor) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            w @ inputs.T
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.inference_mode():
+        best(x2)  # first-call costs
+        _PAD_SINGLE_ROW = best(x2) < 0.8 * best(x)
+    return _PAD_SINGLE_ROW
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ w[out, in].T in w's dtype, returned in x's dtype.
 
     For the few rows of decoding and verification this is computed as (w @ x.T).T: on CPU this
     torch build's F.linear is 2-3x slower there (and on the large lm_head). For prefill-sized
-    inputs F.linear is faster (1200 rows: 2.4 s vs 3.9 s for the whole model).
+    inputs F.linear is faster (1200 rows: 2.4 s vs 3.9 s for the whole model). A single fp32 row
+    on CPU may be computed as two (see _PAD_SINGLE_ROW); fp16 is faster as one row.
     """
     xw = x.to(w.dtype)
-    out = (w @ xw.T).T if x.shape[0] <= FEW_ROWS else F.linear(xw, w)
+    if x.shape[0] == 1 and _PAD_SINGLE_ROW and w.dtype == torch.float32 and w.device.type == "cpu":
+        out = (w @ torch.cat([xw, xw]).T).T[:1]
+    elif x.shape[0] <= FEW_ROWS:
+        out = (w @ xw.T).T
+    else:
+        out = F.linear(xw, w)
     out = out.to(x.dtype)
     return out if bias is None else out + bias.to(x.dtype)
 
@@ -157,6 +194,7 @@ class ModelRunner:
             if release:
                 base.layers[i] = torch.nn.Identity()
         weights = Weights(layers, base.norm.weight.detach(), model.lm_head.weight.detach())
+        calibrate_single_row(weights.lm_head)
         param = base.embed_tokens.weight
         return cls(spec, param.detach(), weights, base.rotary_emb, param.device, param.dtype)
 

@@ -26,7 +26,9 @@ def test_batched_dp_equals_naive_loop(engine, max_skip):
     assert plan.skip_sets == naive.skip_sets
     assert len(g) == len(g_naive) == engine.runner.spec.num_layers + 1
     for a, b in zip(g, g_naive):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        # fp32 on different BLAS kernels (1-row vs M+1-row products) rounds differently: ~1e-4 here.
+        # A wrong layer or context would differ by orders of magnitude more.
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
     assert [len(s) for s in plan.skip_sets] == list(range(max_skip + 1))
     assert plan.skip_sets[0] == frozenset() and abs(plan.scores[0] - 1.0) < 1e-4
 
