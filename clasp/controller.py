@@ -38,12 +38,16 @@ class RoundChoice:
 
 
 class AcceptanceStats:
-    """Decayed per-position acceptance counts for one draft source."""
+    """Decayed per-position acceptance counts for one draft source.
+
+    The rate at position 0 starts from the prior; every later position starts from the rate of
+    the position before it, so positions rarely reached (long drafts) are not held to the prior.
+    """
 
     def __init__(self, max_positions: int, prior_rate: float, prior_weight: float, decay: float) -> None:
         self.prior_rate, self.prior_weight, self.decay = prior_rate, prior_weight, decay
-        self.reached = [prior_weight] * max_positions
-        self.accepted = [prior_weight * prior_rate] * max_positions
+        self.reached = [0.0] * max_positions
+        self.accepted = [0.0] * max_positions
 
     def observe(self, num_drafted: int, accepted_length: int) -> None:
         # Position k was verified only if drafts before it were accepted (k <= tau).
@@ -51,11 +55,15 @@ class AcceptanceStats:
             self.reached[k] = self.decay * self.reached[k] + 1.0
             self.accepted[k] = self.decay * self.accepted[k] + (1.0 if k < accepted_length else 0.0)
 
+    def rate(self, k: int, prior: float) -> float:
+        return (self.accepted[k] + self.prior_weight * prior) / (self.reached[k] + self.prior_weight)
+
     def cumulative(self, k: int) -> list[float]:
         """[P(drafts 1..i all accepted) for i = 1..k]."""
-        out, p = [], 1.0
+        out, p, prior = [], 1.0, self.prior_rate
         for i in range(min(k, len(self.reached))):
-            p *= self.accepted[i] / self.reached[i]
+            prior = self.rate(i, prior)
+            p *= prior
             out.append(p)
         return out
 
