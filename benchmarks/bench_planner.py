@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     for length in contexts:
         ids = context_ids(engine, args.questions, length)
         for layers in layer_counts:
-            for m in skips:
+            for m in sorted({min(m, layers - 1) for m in skips}):  # M is capped at L-1
                 for draft in ([False, True] if engine.runner.draft_has_copy and layers == num_layers else [False]):
                     seconds = time_plan(engine, ids, m, layers, args.repeats, draft)
                     rows.append({"context": length, "layers": layers, "max_skip": min(m, layers - 1),
