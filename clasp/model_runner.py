@@ -72,33 +72,34 @@ class Weights:
 FEW_ROWS = 16  # up to this many rows, (w @ x.T).T beats F.linear on CPU (README, performance notes)
 
 
-# Whether a single fp32 row on CPU is computed as two rows (set by calibrate_single_row()).
+# Whether a single fp32 row on CPU is computed as two rows (set once by calibrate_single_row()).
 # On the dev CPU, MKL's matrix-vector kernel streams weights at ~10 GB/s and its two-column
 # matrix product at ~30 GB/s: all the model's matrices took 50 ms one way and 16 ms the other
 # (docs/performance.md). Other CPUs and BLAS builds may differ, so it is measured, not assumed.
-_PAD_SINGLE_ROW = False
+_PAD_SINGLE_ROW: bool | None = None
 
 
-def calibrate_single_row(w: torch.Tensor, repeats: int = 5) -> bool:
-    """Time one row against two rows on a large fp32 CPU matrix (best of `repeats`) and use
-    the faster from now on, for every fp32 1-row product in this process. Returns the choice."""
+def calibrate_single_row(repeats: int = 5) -> bool:
+    """Once per process: time one row against two on a 64 MiB fp32 matrix (larger than CPU
+    caches, like a model's weights; best of `repeats`) and use the faster for every fp32 1-row
+    CPU product from then on. A property of the CPU and BLAS, not of a model. Returns the choice."""
     global _PAD_SINGLE_ROW
-    if w.dtype != torch.float32 or w.device.type != "cpu":
-        return _PAD_SINGLE_ROW
-    x = torch.randn(1, w.shape[1], dtype=w.dtype)
-    x2 = torch.cat([x, x])
+    if _PAD_SINGLE_ROW is None:
+        w = torch.ones(16384, 1024)
+        x = torch.ones(1, 1024)
+        x2 = torch.cat([x, x])
 
-    def best(inputs: torch.Tensor) -> float:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            w @ inputs.T
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        def best(inputs: torch.Tensor) -> float:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                w @ inputs.T
+                times.append(time.perf_counter() - t0)
+            return min(times)
 
-    with torch.inference_mode():
-        best(x2)  # first-call costs
-        _PAD_SINGLE_ROW = best(x2) < 0.8 * best(x)
+        with torch.inference_mode():
+            best(x2)  # first-call costs
+            _PAD_SINGLE_ROW = best(x2) < 0.8 * best(x)
     return _PAD_SINGLE_ROW
 
 
@@ -114,7 +115,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     if x.shape[0] == 1 and _PAD_SINGLE_ROW and w.dtype == torch.float32 and w.device.type == "cpu":
         out = (w @ torch.cat([xw, xw]).T).T[:1]
     elif x.shape[0] <= FEW_ROWS:
-        out = (w @ xw.T).T
+        out = (w @ xw.T).T.contiguous()
     else:
         out = F.linear(xw, w)
     out = out.to(x.dtype)
@@ -194,8 +195,9 @@ class ModelRunner:
             if release:
                 base.layers[i] = torch.nn.Identity()
         weights = Weights(layers, base.norm.weight.detach(), model.lm_head.weight.detach())
-        calibrate_single_row(weights.lm_head)
         param = base.embed_tokens.weight
+        if param.device.type == "cpu" and param.dtype == torch.float32:
+            calibrate_single_row()
         return cls(spec, param.detach(), weights, base.rotary_emb, param.device, param.dtype)
 
     def set_draft_dtype(self, dtype: torch.dtype | None) -> None:
