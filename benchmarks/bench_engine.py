@@ -53,7 +53,7 @@ if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
     sys.path.insert(0, str(REPO))
 
 from benchmarks.chart import chart_title, render_chart  # noqa: E402
-from clasp.config import ClaspConfig, SamplingParams  # noqa: E402
+from clasp.config import DRAFT_DTYPE_CHOICES, ClaspConfig, SamplingParams  # noqa: E402
 from clasp.engine import Engine  # noqa: E402
 from clasp.loading import load_model, resolve_device, resolve_dtype  # noqa: E402
 
@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {defaults.draft_exit_threshold})")
     g.add_argument("--replan-interval", type=int, default=None,
                    help=f"LOI, re-run the DP every N verification rounds (default: {defaults.replan_interval})")
-    g.add_argument("--draft-dtype", default=None, choices=["float32", "float16", "bfloat16", "none"],
+    g.add_argument("--draft-dtype", default=None, choices=DRAFT_DTYPE_CHOICES,
                    help=f"dtype of the draft's weight copy; 'none' shares the full weights "
                         f"(default: {defaults.draft_dtype})")
     g.add_argument("--temperature", type=float, default=0.0,

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from clasp.config import MODES, ClaspConfig, SamplingParams
+from clasp.config import DRAFT_DTYPE_CHOICES, MODES, PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig, SamplingParams
 
 DEFAULTS = ClaspConfig()
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="cpu, cuda or auto")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--pack-weights", choices=list(PACK_WEIGHTS), default="auto", help=PACK_WEIGHTS_HELP)
     g = gen.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (exact); > 0 samples, losslessly")
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ngram-size", type=int, default=DEFAULTS.ngram_size,
                    help="longest context n-gram for prompt-lookup drafts in adaptive mode; 0 disables them")
     g.add_argument("--skip-layers", type=_layer_list, default=None, help="static mode's skip set, e.g. 4,8,12 (0-based)")
-    g.add_argument("--draft-dtype", default=DEFAULTS.draft_dtype, choices=["float32", "float16", "bfloat16", "none"],
+    g.add_argument("--draft-dtype", default=DEFAULTS.draft_dtype, choices=DRAFT_DTYPE_CHOICES,
                    help="dtype of the draft's weight copy ('none' shares the full weights); verification always uses the model dtype")
     g = gen.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, accepted_lengths, plans, seconds, stats)")
@@ -89,7 +90,8 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    engine = Engine.load(args.model, config, device=args.device, dtype=args.dtype)
+    engine = Engine.load(args.model, config, device=args.device, dtype=args.dtype,
+                         pack_weights=PACK_WEIGHTS[args.pack_weights])
     prompt_ids = engine.encode(prompt, chat=not args.raw)
     result = None
     for chunk in engine.stream(prompt_ids, params):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Iterator, Sequence
 
-import torch
 
 from clasp.config import ClaspConfig, SamplingParams
 from clasp.decoding import Chunk, GenerationResult, generate
@@ -13,6 +12,14 @@ from clasp.loading import load_model, model_identity, resolve_device, resolve_dt
 from clasp.model_runner import ModelRunner
 from clasp.plan_exchange import PlanExchange
 from clasp.planner import LayerPlan
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 class Engine:
@@ -26,7 +33,10 @@ class Engine:
 
     @classmethod
     def load(cls, model_path: str | os.PathLike | None = None, config: ClaspConfig | None = None,
-             device: str | None = None, dtype: str | None = None) -> "Engine":
+             device: str | None = None, dtype: str | None = None, pack_weights: bool | None = None) -> "Engine":
+        """pack_weights: keep a oneDNN-prepacked copy of the fp32 weights for verification
+        (ModelRunner.pack_weights). None: where available and the copy fits in a quarter of
+        physical memory; True where unavailable is an error."""
         config = config or ClaspConfig()
         dev = resolve_device(device)
         model, tokenizer = load_model(model_path, resolve_dtype(dtype, dev), dev)
@@ -35,7 +45,12 @@ class Engine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         runner = ModelRunner.from_hf(model, release=True)
-        runner.set_draft_dtype(None if config.draft_dtype is None else getattr(torch, config.draft_dtype))
+        runner.set_draft_dtype(config.draft_torch_dtype(runner.device.type))
+        if pack_weights is None:
+            pack_weights = (ModelRunner.packing_available(runner.device, runner.dtype)
+                            and runner.weights.nbytes() <= physical_memory() // 4)
+        if pack_weights:
+            runner.pack_weights()
         config.skip_count(runner.spec.num_layers, runner.draft_has_copy)  # validate M against this model now
         if config.static_skip_set is not None:
             config.static_skips(runner.spec.num_layers, runner.draft_has_copy)

@@ -9,7 +9,7 @@ import grpc
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from clasp.config import ClaspConfig
+from clasp.config import DRAFT_DTYPE_CHOICES, PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig
 from clasp.engine import Engine
 from clasp_serve.v1 import clasp_pb2
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=env("DEVICE", "auto"), help="cpu, cuda or auto [CLASP_DEVICE]")
     p.add_argument("--dtype", default=env("DTYPE", "auto"), help="float32, bfloat16, float16 or auto [CLASP_DTYPE]")
     p.add_argument("--threads", type=int, default=int(env("THREADS", 0)), help="torch CPU threads, 0: torch's choice [CLASP_THREADS]")
+    p.add_argument("--pack-weights", default=env("PACK_WEIGHTS", "auto"), choices=list(PACK_WEIGHTS),
+                   help=PACK_WEIGHTS_HELP + " [CLASP_PACK_WEIGHTS]")
     p.add_argument("--max-concurrent", type=int, default=int(env("MAX_CONCURRENT", 2)),
                    help="streams decoding at once [CLASP_MAX_CONCURRENT]")
     p.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", 16)),
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-draft-length", type=int, default=int(env("MAX_DRAFT_LENGTH", d.max_draft_length)),
                    help="default K [CLASP_MAX_DRAFT_LENGTH]")
     p.add_argument("--draft-dtype", default=env("DRAFT_DTYPE", d.draft_dtype),
+                   choices=DRAFT_DTYPE_CHOICES,
                    help="draft weight copy dtype, 'none' to share [CLASP_DRAFT_DTYPE]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[CLASP_LOG_LEVEL]")
     return p
@@ -78,7 +81,8 @@ async def serve(args: argparse.Namespace) -> None:
                          replan_interval=args.replan_interval, max_draft_length=args.max_draft_length,
                          draft_dtype=None if args.draft_dtype in (None, "none") else args.draft_dtype)
     loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(torch_thread, Engine.load, args.model, config, args.device, args.dtype)
+    engine = await loop.run_in_executor(torch_thread, Engine.load, args.model, config, args.device, args.dtype,
+                                        PACK_WEIGHTS[args.pack_weights])
     bus = None
     if args.redis_url:
         bus = PlanBus(redis_client(args.redis_url), engine.identity, engine.runner.spec.num_layers, metrics=metrics)

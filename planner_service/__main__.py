@@ -11,6 +11,7 @@ import grpc
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
+from clasp.config import PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig
 from clasp.engine import Engine
 from clasp.plan_exchange import SessionContexts, plan_key
 from clasp_serve.v1 import clasp_pb2 as pb
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=env("DEVICE", "auto"), help="cpu, cuda or auto [CLASP_DEVICE]")
     p.add_argument("--dtype", default=env("DTYPE", "auto"), help="must match the decoder's [CLASP_DTYPE]")
     p.add_argument("--threads", type=int, default=int(env("THREADS", 0)), help="torch CPU threads [CLASP_THREADS]")
+    p.add_argument("--pack-weights", default=env("PACK_WEIGHTS", "auto"), choices=list(PACK_WEIGHTS),
+                   help=PACK_WEIGHTS_HELP + " [CLASP_PACK_WEIGHTS]")
     p.add_argument("--max-sessions", type=int, default=int(env("MAX_SESSIONS", 256)),
                    help="session contexts kept (LRU) [CLASP_MAX_SESSIONS]")
     p.add_argument("--plan-ttl-s", type=int, default=int(env("PLAN_TTL_S", 3600)), help="plan key TTL [CLASP_PLAN_TTL_S]")
@@ -72,8 +75,10 @@ async def serve(args: argparse.Namespace) -> None:
     bound = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     torch_thread = torch_executor()
-    engine = await asyncio.get_running_loop().run_in_executor(torch_thread, Engine.load, args.model, None,
-                                                               args.device, args.dtype)
+    # The DP scores candidates with the full weights: no draft copy here.
+    engine = await asyncio.get_running_loop().run_in_executor(torch_thread, Engine.load, args.model,
+                                                               ClaspConfig(draft_dtype=None), args.device, args.dtype,
+                                                               PACK_WEIGHTS[args.pack_weights])
     contexts = SessionContexts(engine.runner, args.max_sessions)
     worker = PlannerWorker(client, contexts, engine.identity, args.consumer_name, metrics, plan_ttl_s=args.plan_ttl_s)
     worker.start(torch_thread)
