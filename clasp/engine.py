@@ -15,11 +15,22 @@ from clasp.planner import LayerPlan
 
 
 def physical_memory() -> int:
-    """Bytes of physical memory (0 where the OS does not say)."""
+    """Bytes of memory this process may use: physical memory, or the cgroup (container) limit
+    when lower. 0 where the OS does not say."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+        break
+    return total
 
 
 class Engine:
