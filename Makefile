@@ -111,7 +111,7 @@ bench-sampling: setup  ## engine benchmark sampled at temperature 0.7 and 1.0 (a
 	$(PY) benchmarks/bench_engine.py --temperature 0.7 --methods ar,clasp,clasp_shared --name sampling-t0.7 $(BENCH_ARGS)
 	$(PY) benchmarks/bench_engine.py --temperature 1.0 --methods ar,clasp,clasp_shared --name sampling-t1.0 $(BENCH_ARGS)
 
-bench-loi: setup  ## engine benchmark: DP re-planned every 32, 64 or 128 rounds (fp16 draft, M=6)
+bench-loi: setup  ## engine benchmark: DP re-planned every 32, 64 or 128 rounds (draft copy, M=6)
 	$(PY) benchmarks/bench_engine.py --methods ar,clasp_m6_loi32,clasp_m6_loi64,clasp_m6_loi128 --name loi $(BENCH_ARGS)
 
 bench-planner: setup  ## DP time per plan vs context length, M and layers

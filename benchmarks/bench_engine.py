@@ -2,14 +2,14 @@
 
 Runs, side by side in one process on the same weights and the same prompt ids:
 
-  clasp             our engine, mode="clasp" with the defaults: fp16 draft copy, adaptive draft
+  clasp             our engine, mode="clasp" with the defaults: draft copy (int8 on CPU), adaptive draft
                     control (clasp.controller) and context n-gram drafts
   ar                our engine, mode="ar" (plain autoregressive decoding, the baseline)
   clasp_fixed       clasp without the controller and n-gram drafts (always draft up to K)
   clasp_shared      mode="clasp" with the draft on the shared full-precision weights and M = half
                     the layers: the paper's regime, where the DP does the work (adaptive)
   clasp_shared_fixed  the same without the controller: the paper's algorithm as published
-  clasp_m6_loi32/64/128  fp16 draft, M=6 chosen by the DP, re-planned every 32/64/128 rounds
+  clasp_m6_loi32/64/128  draft copy (int8 on CPU), M=6 chosen by the DP, re-planned every 32/64/128 rounds
   static            our engine, mode="static" (one fixed skip set)
   (not run by default: static, clasp_m6_loi*)
   hf_greedy         transformers model.generate(do_sample=False)
@@ -427,7 +427,8 @@ def _notes(summary: dict) -> str:
     notes.append(f"config: M={meta['num_skip_layers']} of {meta['num_layers']} layers (shared-weight variants: "
                  f"{meta.get('shared_num_skip_layers')}), K={cfg['max_draft_length']}, exit threshold "
                  f"{cfg['draft_exit_threshold']}, replan every {cfg['replan_interval']} rounds, draft dtype "
-                 f"{cfg['draft_dtype'] or 'shared weights'} ({meta.get('draft_copy_mib', 0):.0f} MiB extra), n-gram "
+                 f"{meta.get('draft_copy_dtype') or 'shared weights'} ({meta.get('draft_copy_mib', 0):.0f} MiB extra), "
+                 f"prepacked verification weights {meta.get('packed_weights_mib', 0):.0f} MiB, n-gram "
                  f"size {cfg.get('ngram_size')}; HF early exit at layer {meta['early_exit_layer']}, prompt lookup "
                  f"{PROMPT_LOOKUP_TOKENS} tokens")
     errors = [f"{m}: {t['error']}" for m, t in overall.items() if m in ALL_METHODS and t.get("error")]
@@ -591,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_errors": broken, "peak_rss_mib": peak_rss_mib(),
             "weights_mib": engine.runner.weights.nbytes() / 2**20,
             "draft_copy_mib": (engine.runner.draft_weights.nbytes() / 2**20 if engine.runner.draft_has_copy else 0.0),
+            "packed_weights_mib": engine.runner.packed_nbytes / 2**20,
+            "draft_copy_dtype": (str(config.draft_torch_dtype(engine.runner.device.type)).removeprefix("torch.")
+                                 if engine.runner.draft_has_copy else None),
             "wall_seconds": time.perf_counter() - started}
     row_dicts = [{k: v for k, v in dataclasses.asdict(r).items() if k != "token_ids"} for r in rows]
     summary = {"meta": meta, "tables": summarize_rows(rows, methods), "rows": row_dicts}

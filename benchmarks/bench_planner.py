@@ -5,7 +5,7 @@ prompt prefilled to the wanted length, hidden states from the full model at its 
 layer count is varied by planning over the first L layers only (the DP's cost is one batched
 call of up to M+1 rows per layer, so it grows with L x M rows, and attention with the context).
 Time is the median of --repeats plans. Also compares the DP scored with the full weights against
-the draft's fp16 copy (draft=True), and the decoder-side cost of one decoding step for scale.
+the draft's copy (draft=True), and the decoder-side cost of one decoding step for scale.
 
 Usage: PYTHONPATH=. python benchmarks/bench_planner.py [--contexts 128,512,1024,2048] [--skips 6,15,29]
 Results: benchmarks/results/planner-<tag>.{json,md} and planner-latest.md.
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"context": length, "layers": layers, "max_skip": min(m, layers - 1),
                                  "draft_weights": draft, "seconds": seconds})
                     print(f"context {length:5d}  layers {layers:3d}  M {min(m, layers - 1):3d}  "
-                          f"{'fp16 draft' if draft else 'full     '}  {seconds * 1000:8.1f} ms", file=sys.stderr)
+                          f"{'draft copy' if draft else 'full      '}  {seconds * 1000:8.1f} ms", file=sys.stderr)
     # A plain decoding step at the longest context, for scale.
     runner = engine.runner
     ids = context_ids(engine, args.questions, contexts[-1])
@@ -127,7 +127,7 @@ def render(summary: dict) -> str:
              "| context tokens | layers planned | M | weights | ms per plan |", "|---:|---:|---:|---|---:|"]
     for r in summary["rows"]:
         lines.append(f"| {r['context']} | {r['layers']} | {r['max_skip']} | "
-                     f"{'fp16 draft copy' if r['draft_weights'] else 'full'} | {r['seconds'] * 1000:.1f} |")
+                     f"{'draft copy' if r['draft_weights'] else 'full'} | {r['seconds'] * 1000:.1f} |")
     lines += ["", f"- one plain decoding step at {meta['decode_step_context']} tokens of context: "
                   f"{meta['decode_step_seconds'] * 1000:.1f} ms"]
     return "\n".join(lines) + "\n"

@@ -4,7 +4,7 @@ Starts a real stack on loopback (redis-server with a random password, the planne
 all with server defaults) and runs, one after another for each question:
 
   grpc_ar        the decoder, mode="ar" (plain decoding): the baseline
-  grpc_clasp     the decoder, mode="clasp" with the server's defaults (M=0 with the fp16 draft copy)
+  grpc_clasp     the decoder, mode="clasp" with the server's defaults (M=0 with the draft copy, int8 on CPU)
   grpc_clasp_dp  the decoder, mode="clasp", num_skip_layers=6: the DP active, plans made by the planner
   engine_ar      the in-process engine in this driver, mode="ar"
   engine_clasp   the in-process engine in this driver, mode="clasp"
