@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Iterator, Sequence
 
-
 from clasp.config import ClaspConfig, SamplingParams
 from clasp.decoding import Chunk, GenerationResult, generate
 from clasp.loading import load_model, model_identity, resolve_device, resolve_dtype

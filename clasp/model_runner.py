@@ -75,10 +75,6 @@ class Int8Weight:
         return self.shape[0] * self.shape[1] + self.scale.numel() * self.scale.element_size()
 
 
-def nbytes(self) -> int:
-        return self.q.numel() + self.scale.numel() * self.scale.element_size()
-
-
 @dataclasses.dataclass(frozen=True)
 class PackedWeight:
     """An fp32 CPU matrix prepacked once in oneDNN's blocked layout, for products of 3+ rows.
@@ -92,9 +88,12 @@ class PackedWeight:
     packed: torch.Tensor  # oneDNN (mkldnn) tensor
     shape: tuple[int, int]  # [out, in]
 
+    MIN_ROWS = 3  # products with fewer rows use the plain matrix
+    ROWS_HINT = 8  # the batch size oneDNN lays the weight out for (3-8 rows measured fastest with 8)
+
     @classmethod
     def pack(cls, w: torch.Tensor) -> "PackedWeight":
-        return cls(torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 8), tuple(w.shape))
+        return cls(torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), cls.ROWS_HINT), tuple(w.shape))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
@@ -221,8 +220,8 @@ def linear(x: torch.Tensor, w: "torch.Tensor | Int8Weight", bias: torch.Tensor |
     For the few rows of decoding and verification this is computed as (w @ x.T).T: on CPU this
     torch build's F.linear is 2-3x slower there (and on the large lm_head). For prefill-sized
     inputs F.linear is faster (1200 rows: 2.4 s vs 3.9 s for the whole model). A single fp32 row
-    on CPU may be computed as two (see _PAD_SINGLE_ROW); fp16 is faster as one row. An
-    Int8Weight goes through torch's int8-weight kernel.
+    on CPU may be computed as two (see _PAD_SINGLE_ROW); fp16 is faster as one row. Int8Weight
+    and PackedWeight run their own kernels (their `matmul`).
     """
     if isinstance(w, (Int8Weight, PackedWeight)):
         out = w.matmul(x)
@@ -261,7 +260,7 @@ class ModelRunner:
         self.embed = embed  # [vocab, hidden]
         self.weights = weights
         self.draft_weights = weights  # replaced by set_draft_dtype
-        self.multi_row_weights = weights  # for 3+ rows; replaced by pack_weights
+        self.multi_row_weights = weights  # for 3+ rows (full_weights); replaced by pack_weights
         self.rotary = rotary  # the model's own rotary module: handles every rope scaling type
         self.device = device
         self.dtype = dtype
@@ -359,6 +358,11 @@ class ModelRunner:
         if self.multi_row_weights is self.weights:
             self.multi_row_weights = self.weights.packed()
 
+    def full_weights(self, rows: int) -> Weights:
+        """The full model's weights for a product of `rows` rows: the prepacked copy from
+        PackedWeight.MIN_ROWS rows on, when there is one."""
+        return self.weights if rows < PackedWeight.MIN_ROWS else self.multi_row_weights
+
     @property
     def packed_nbytes(self) -> int:
         return 0 if self.multi_row_weights is self.weights else self.multi_row_weights.nbytes()
@@ -404,7 +408,7 @@ class ModelRunner:
         ([T, hidden] each) are appended to it (skipped layers repeat the previous state).
         """
         num_tokens = token_ids.shape[0]
-        weights = self.draft_weights if draft else self.weights if num_tokens < 3 else self.multi_row_weights
+        weights = self.draft_weights if draft else self.full_weights(num_tokens)
         x = F.embedding(token_ids, self.embed)  # [T, hidden]
         cos = self._rope_cos[start:start + num_tokens]  # [T, head_dim]
         sin = self._rope_sin[start:start + num_tokens]
@@ -430,7 +434,7 @@ class ModelRunner:
         cache.length = start + num_tokens
         if last_only:
             x = x[-1:]
-        head = weights.lm_head if draft or x.shape[0] >= 3 else self.weights.lm_head
+        head = weights.lm_head if draft else self.full_weights(x.shape[0]).lm_head
         return linear(rms_norm(x, weights.final_norm, self.spec.rms_norm_eps), head).float()
 
     def _attention_inputs(self, x: torch.Tensor, lw: LayerWeights, cos: torch.Tensor, sin: torch.Tensor):
@@ -495,7 +499,7 @@ class ModelRunner:
         """
         s = self.spec
         b = states.shape[0]
-        lw = (self.draft_weights if draft else self.weights if b < 3 else self.multi_row_weights).layers[layer]
+        lw = (self.draft_weights if draft else self.full_weights(b)).layers[layer]
         group = s.num_heads // s.num_kv_heads
         cos = self._rope_cos[position:position + 1].expand(b, -1)
         sin = self._rope_sin[position:position + 1].expand(b, -1)
