@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterator, Sequence
+
+import torch
 
 from clasp.config import ClaspConfig, SamplingParams
 from clasp.decoding import Chunk, GenerationResult, generate
@@ -11,6 +14,8 @@ from clasp.loading import load_model, model_identity, resolve_device, resolve_dt
 from clasp.model_runner import ModelRunner
 from clasp.plan_exchange import PlanExchange
 from clasp.planner import LayerPlan
+
+log = logging.getLogger(__name__)
 
 
 def physical_memory() -> int:
@@ -55,7 +60,13 @@ class Engine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         runner = ModelRunner.from_hf(model, release=True)
-        runner.set_draft_dtype(config.draft_torch_dtype(runner.device.type))
+        try:
+            runner.set_draft_dtype(config.draft_torch_dtype(runner.device.type))
+        except ValueError:
+            if config.draft_dtype != "auto":
+                raise
+            log.warning("no int8 kernel in this torch build: the draft copy falls back to float16")
+            runner.set_draft_dtype(torch.float16)
         if pack_weights is None:
             pack_weights = (ModelRunner.packing_available(runner.device, runner.dtype)
                             and runner.weights.nbytes() <= physical_memory() // 4)

@@ -66,3 +66,15 @@ def test_fp16_draft_without_packing_matches_ar(engine):
         result = other.generate(ids, params, ClaspConfig(draft_dtype="float16"))
         assert result.token_ids == expected
         assert result.stats.num_draft_tokens > 0
+
+
+def test_auto_draft_falls_back_to_float16_without_an_int8_kernel(monkeypatch):
+    """A torch build without fbgemm: `auto` still loads (float16 copy); an explicit int8 says why not."""
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("Didn't find engine for operation quantized::linear_prepack NoQEngine")
+
+    monkeypatch.setattr(Int8Weight, "quantize", no_kernel)
+    engine = Engine.load(None, ClaspConfig(), device="cpu", dtype="float32", pack_weights=False)
+    assert engine.runner.draft_weights.lm_head.dtype == torch.float16
+    with pytest.raises(ValueError, match="draft_dtype int8 is not supported on cpu"):
+        Engine.load(None, ClaspConfig(draft_dtype="int8"), device="cpu", dtype="float32", pack_weights=False)
