@@ -85,17 +85,29 @@ class SessionContexts:
     A request carries the session's token ids; only the part that differs from what the
     session's cache already holds is prefilled (a conversation's next re-plan typically adds
     LOI rounds' worth of tokens).
+
+    Memory is bounded twice: at most max_sessions contexts, and their KV caches together at
+    most max_bytes (the context being planned is always kept, and one context is at most the
+    model's context window).
     """
 
-    def __init__(self, runner: ModelRunner, max_sessions: int) -> None:
+    def __init__(self, runner: ModelRunner, max_sessions: int, max_bytes: int = 1 << 30) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         self.runner = runner
         self.max_sessions = max_sessions
+        self.max_bytes = max_bytes
         self._contexts: collections.OrderedDict[str, _Context] = collections.OrderedDict()
+        self._bytes = 0  # KV cache bytes of all contexts held
 
     def __len__(self) -> int:
         return len(self._contexts)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
 
     def plan(self, session_id: str, request: PlanInput) -> LayerPlan:
         spec = self.runner.spec
@@ -116,6 +128,8 @@ class SessionContexts:
 
     def _context_for(self, session_id: str, length: int) -> _Context:
         context = self._contexts.pop(session_id, None)
+        if context is not None:
+            self._bytes -= context.cache.nbytes()
         if context is None or context.cache.max_length < length:
             capacity = min(self.runner.spec.max_context, max(256, 1 << (length - 1).bit_length()))
             if length > capacity:
@@ -129,8 +143,10 @@ class SessionContexts:
                 grown.token_ids = context.token_ids
             context = grown
         self._contexts[session_id] = context
-        while len(self._contexts) > self.max_sessions:
-            self._contexts.popitem(last=False)
+        self._bytes += context.cache.nbytes()
+        while len(self._contexts) > 1 and (len(self._contexts) > self.max_sessions or self._bytes > self.max_bytes):
+            _, evicted = self._contexts.popitem(last=False)
+            self._bytes -= evicted.cache.nbytes()
         return context
 
     def _extend(self, context: _Context, token_ids: list[int]) -> None:

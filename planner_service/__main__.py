@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=PACK_WEIGHTS_HELP + " [CLASP_PACK_WEIGHTS]")
     p.add_argument("--max-sessions", type=int, default=int(env("MAX_SESSIONS", 256)),
                    help="session contexts kept (LRU) [CLASP_MAX_SESSIONS]")
+    p.add_argument("--max-context-mib", type=int, default=int(env("MAX_CONTEXT_MIB", 1024)),
+                   help="KV cache memory of all session contexts together, LRU evicted beyond it "
+                        "(the embedded model: 45 KiB per token) [CLASP_MAX_CONTEXT_MIB]")
     p.add_argument("--plan-ttl-s", type=int, default=int(env("PLAN_TTL_S", 3600)), help="plan key TTL [CLASP_PLAN_TTL_S]")
     p.add_argument("--consumer-name", default=env("CONSUMER_NAME", f"{socket.gethostname()}-{os.getpid()}"),
                    help="consumer name in the Redis group [CLASP_CONSUMER_NAME]")
@@ -79,7 +82,7 @@ async def serve(args: argparse.Namespace) -> None:
     engine = await asyncio.get_running_loop().run_in_executor(torch_thread, Engine.load, args.model,
                                                                ClaspConfig(draft_dtype=None), args.device, args.dtype,
                                                                PACK_WEIGHTS[args.pack_weights])
-    contexts = SessionContexts(engine.runner, args.max_sessions)
+    contexts = SessionContexts(engine.runner, args.max_sessions, args.max_context_mib * 2**20)
     worker = PlannerWorker(client, contexts, engine.identity, args.consumer_name, metrics, plan_ttl_s=args.plan_ttl_s)
     worker.start(torch_thread)
     await set_serving(health, [SERVICE], True)

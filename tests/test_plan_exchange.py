@@ -52,6 +52,19 @@ def test_sessions_are_bounded_lru(engine):
     assert len(contexts) == 2 and set(contexts._contexts) == {"a", "c"}
 
 
+def test_sessions_are_bounded_by_bytes(engine):
+    ids = engine.encode("Hi")
+    hidden = decoder_side(engine, ids)[1]
+    one = engine.runner.new_cache(256).nbytes()  # the smallest context capacity
+    contexts = SessionContexts(engine.runner, max_sessions=10, max_bytes=one * 3 // 2)
+    for session in ("a", "b"):
+        contexts.plan(session, PlanInput(0, hidden, len(ids) - 1, ids, 2))
+    assert set(contexts._contexts) == {"b"} and contexts.nbytes == one
+    tiny = SessionContexts(engine.runner, max_sessions=10, max_bytes=1)  # the context being planned stays
+    got = tiny.plan("c", PlanInput(0, hidden, len(ids) - 1, ids, 2))
+    assert len(tiny) == 1 and got.skip_sets
+
+
 def test_bad_plan_inputs_are_rejected(engine):
     contexts = SessionContexts(engine.runner, max_sessions=1)
     ids = engine.encode("Hi")
