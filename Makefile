@@ -11,7 +11,7 @@ PROMPT ?= Explain in three sentences why the sky is blue.
 BENCH ?= quick
 BENCH_ARGS ?=
 
-.PHONY: help setup proto start run stop demo-engine test bench bench-service bench-sampling bench-loi bench-planner bench-all image image-gpu deploy deploy-check clean distclean
+.PHONY: help setup proto kernels start run stop demo-engine test bench bench-service bench-sampling bench-loi bench-planner bench-all image image-gpu deploy deploy-check clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -38,7 +38,15 @@ $(GEN): protos/clasp_serve/v1/clasp.proto $(VENV)/.installed
 
 proto: $(GEN)  ## generate the gRPC Python code from protos/ (never edited by hand)
 
-setup: $(VENV)/.installed $(MODEL_DIR)/config.json $(GEN)  ## venv, pinned deps, embedded model converted once, gRPC code
+# The C++ CPU draft kernel, compiled once per source (skipped with a note where it cannot be built).
+KERNELS := $(CLASP_CACHE_DIR)/kernels/.built
+$(KERNELS): clasp/cpu_draft.cpp $(VENV)/.installed
+	$(PY) -m clasp build-kernels
+	@mkdir -p $(dir $@) && touch $@
+
+kernels: $(KERNELS)  ## compile the C++ CPU draft kernel into the cache directory
+
+setup: $(VENV)/.installed $(MODEL_DIR)/config.json $(GEN) $(KERNELS)  ## venv, pinned deps, embedded model converted once, gRPC code, CPU draft kernel
 
 # --- the service pair on this machine: Redis (password-protected), planner, decoder; logs in run/
 RUN := $(CURDIR)/run

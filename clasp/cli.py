@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from clasp.config import DRAFT_DTYPE_CHOICES, MODES, PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig, SamplingParams
+from clasp.config import (DRAFT_DTYPE_CHOICES, FUSED_DRAFT, FUSED_DRAFT_HELP, MODES, PACK_WEIGHTS, PACK_WEIGHTS_HELP,
+                          ClaspConfig, SamplingParams)
 
 DEFAULTS = ClaspConfig()
 
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     setup = sub.add_parser("setup", help="convert the embedded SmolLM2-135M-Instruct GGUF to the safetensors cache")
     setup.add_argument("--force", action="store_true", help="convert again even if the cache exists")
+    sub.add_parser("build-kernels", help="compile the C++ CPU draft kernel into the cache directory (once, about a "
+                   "minute); skipped with a note where it cannot be built (not x86-64 Linux, no compiler)")
 
     gen = sub.add_parser("generate", help="generate text for one prompt", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = gen.add_argument_group("input")
@@ -41,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--pack-weights", choices=list(PACK_WEIGHTS), default="auto", help=PACK_WEIGHTS_HELP)
+    g.add_argument("--fused-draft", choices=list(FUSED_DRAFT), default="auto", help=FUSED_DRAFT_HELP)
     g = gen.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (exact); > 0 samples, losslessly")
@@ -91,7 +95,7 @@ def _generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     engine = Engine.load(args.model, config, device=args.device, dtype=args.dtype,
-                         pack_weights=PACK_WEIGHTS[args.pack_weights])
+                         pack_weights=PACK_WEIGHTS[args.pack_weights], fused_draft=FUSED_DRAFT[args.fused_draft])
     prompt_ids = engine.encode(prompt, chat=not args.raw)
     result = None
     for chunk in engine.stream(prompt_ids, params):
@@ -114,6 +118,23 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_kernels() -> int:
+    from clasp import cpu_draft
+
+    reason = cpu_draft.unavailable_reason()
+    if reason is not None:
+        print(f"CPU draft kernel skipped: {reason}; drafts run through torch ops", file=sys.stderr)
+        return 0
+    print(f"building the CPU draft kernel in {cpu_draft.build_dir()} (about a minute the first time)", file=sys.stderr)
+    try:
+        ext = cpu_draft.load_extension()
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"CPU draft kernel ready: {cpu_draft.build_dir()} (AVX-512 VNNI: {'yes' if ext.cpu_has_vnni() else 'no'})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -125,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 convert_gguf(embedded_gguf_path(), target)
             print(embedded_model_dir(convert=False))
             return 0
+        if args.command == "build-kernels":
+            return _build_kernels()
         return _generate(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,6 +18,12 @@ PACK_WEIGHTS_HELP = ("keep a oneDNN-prepacked copy of fp32 CPU weights for produ
                      "prefill, DP): 5-row verification 45 -> 30 ms on the dev CPU, for the weights' bytes again "
                      "in memory; auto: on where available and it fits in a quarter of RAM")
 
+FUSED_DRAFT = {"auto": None, "on": True, "off": False}  # command-line spelling of Engine.load's fused_draft
+FUSED_DRAFT_HELP = ("run each int8 CPU draft token as one C++ call (clasp/cpu_draft.cpp, AVX-512 VNNI products): "
+                    "12 -> 5 ms per draft token on the dev CPU; compiled once into the cache directory (make setup); "
+                    "auto: on for an int8 draft of an fp32 model on a CPU with AVX-512 VNNI; on: also elsewhere, "
+                    "with portable loops")
+
 
 @dataclasses.dataclass
 class ClaspConfig:

@@ -37,6 +37,34 @@ def physical_memory() -> int:
     return total
 
 
+def _set_up_draft(runner: ModelRunner, config: ClaspConfig, fused_draft: bool | None) -> None:
+    """Give the runner its draft copy per config.draft_dtype, through the fused kernel where wanted."""
+    from clasp.cpu_draft import cpu_has_vnni
+
+    draft_dtype = config.draft_torch_dtype(runner.device.type)
+    if fused_draft and (draft_dtype != torch.int8 or runner.device.type != "cpu"):
+        raise ValueError(f"fused_draft needs an int8 draft copy on CPU, not {draft_dtype} on {runner.device.type}")
+    auto = fused_draft is None
+    if auto:
+        fused_draft = (draft_dtype == torch.int8 and runner.device.type == "cpu" and runner.dtype == torch.float32
+                       and runner.weights.layers[0].q_norm is None and cpu_has_vnni())
+    if fused_draft:
+        try:
+            runner.enable_fused_draft(vnni=cpu_has_vnni())
+            return
+        except (RuntimeError, ValueError) as e:
+            if not auto:
+                raise ValueError(f"fused_draft: {e}") from e
+            log.warning("the fused CPU draft is unavailable (%s): drafting through torch ops", e)
+    try:
+        runner.set_draft_dtype(draft_dtype)
+    except ValueError:
+        if config.draft_dtype != "auto":
+            raise
+        log.warning("no int8 kernel in this torch build: the draft copy falls back to float16")
+        runner.set_draft_dtype(torch.float16)
+
+
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, config: ClaspConfig, eos_ids: frozenset[int],
                  model_name: str) -> None:
@@ -48,10 +76,14 @@ class Engine:
 
     @classmethod
     def load(cls, model_path: str | os.PathLike | None = None, config: ClaspConfig | None = None,
-             device: str | None = None, dtype: str | None = None, pack_weights: bool | None = None) -> "Engine":
+             device: str | None = None, dtype: str | None = None, pack_weights: bool | None = None,
+             fused_draft: bool | None = None) -> "Engine":
         """pack_weights: keep a oneDNN-prepacked copy of the fp32 weights for verification
         (ModelRunner.pack_weights). None: where available and the copy fits in a quarter of
-        physical memory; True where unavailable is an error."""
+        physical memory; True where unavailable is an error.
+        fused_draft: run an int8 CPU draft through the one-call C++ kernel (clasp.cpu_draft).
+        None: for an fp32 model on a CPU with AVX-512 VNNI, falling back to torch ops with a
+        warning if the kernel cannot be built; True: required (portable loops without VNNI)."""
         config = config or ClaspConfig()
         dev = resolve_device(device)
         model, tokenizer = load_model(model_path, resolve_dtype(dtype, dev), dev)
@@ -60,13 +92,7 @@ class Engine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         runner = ModelRunner.from_hf(model, release=True)
-        try:
-            runner.set_draft_dtype(config.draft_torch_dtype(runner.device.type))
-        except ValueError:
-            if config.draft_dtype != "auto":
-                raise
-            log.warning("no int8 kernel in this torch build: the draft copy falls back to float16")
-            runner.set_draft_dtype(torch.float16)
+        _set_up_draft(runner, config, fused_draft)
         if pack_weights is None:
             pack_weights = (ModelRunner.packing_available(runner.device, runner.dtype)
                             and runner.weights.nbytes() <= physical_memory() // 4)

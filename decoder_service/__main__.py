@@ -9,7 +9,7 @@ import grpc
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from clasp.config import DRAFT_DTYPE_CHOICES, PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig
+from clasp.config import DRAFT_DTYPE_CHOICES, FUSED_DRAFT, FUSED_DRAFT_HELP, PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig
 from clasp.engine import Engine
 from clasp_serve.v1 import clasp_pb2
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=int(env("THREADS", 0)), help="torch CPU threads, 0: torch's choice [CLASP_THREADS]")
     p.add_argument("--pack-weights", default=env("PACK_WEIGHTS", "auto"), choices=list(PACK_WEIGHTS),
                    help=PACK_WEIGHTS_HELP + " [CLASP_PACK_WEIGHTS]")
+    p.add_argument("--fused-draft", default=env("FUSED_DRAFT", "auto"), choices=list(FUSED_DRAFT),
+                   help=FUSED_DRAFT_HELP + " [CLASP_FUSED_DRAFT]")
     p.add_argument("--max-concurrent", type=int, default=int(env("MAX_CONCURRENT", 2)),
                    help="streams decoding at once [CLASP_MAX_CONCURRENT]")
     p.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", 16)),
@@ -82,7 +84,7 @@ async def serve(args: argparse.Namespace) -> None:
                          draft_dtype=None if args.draft_dtype in (None, "none") else args.draft_dtype)
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(torch_thread, Engine.load, args.model, config, args.device, args.dtype,
-                                        PACK_WEIGHTS[args.pack_weights])
+                                        PACK_WEIGHTS[args.pack_weights], FUSED_DRAFT[args.fused_draft])
     bus = None
     if args.redis_url:
         bus = PlanBus(redis_client(args.redis_url), engine.identity, engine.runner.spec.num_layers, metrics=metrics)

@@ -1,0 +1,139 @@
+"""The one-call int8 CPU draft: build, load and run `cpu_draft.cpp`.
+
+A draft token through torch ops costs ~12 ms on the dev CPU with the embedded model, of which
+~6 ms is streaming the int8 weights; the rest is per-op overhead. The C++ kernel runs the whole
+token (every non-skipped layer, the final norm and the lm_head) in one call over the same int8
+matrices. It is compiled once with torch's extension builder into the cache directory
+(`python -m clasp build-kernels`, part of `make setup`; ~1 minute) and loaded in milliseconds
+after that. It only ever proposes tokens: the full model verifies them, so it changes speed and
+acceptance, never the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from clasp.kv_cache import KVCache
+from clasp.loading import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_draft.cpp")
+
+_module = None
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the CPU lists AVX-512 VNNI (Linux /proc/cpuinfo), without building anything."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return all(flag in flags for flag in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+    except OSError:
+        pass
+    return False
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot be built here, or None."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"the CPU draft kernel is built for x86-64 Linux, not {platform.system()} {platform.machine()}"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r}) on PATH"
+    venv_bin = str(Path(sys.executable).parent)  # pip's ninja lands beside the interpreter, maybe not on PATH
+    if not is_ninja_available() and (Path(venv_bin) / "ninja").exists():
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def build_dir() -> Path:
+    """Where the compiled kernel lives: per source text and torch version."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return cache_dir() / "kernels" / f"cpu_draft-{digest}"
+
+
+def load_extension():
+    """The compiled extension module, built on first use. Raises RuntimeError with the reason."""
+    global _module
+    if _module is not None:
+        return _module
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    from torch.utils.cpp_extension import load
+
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):
+        log.info("building the CPU draft kernel into %s (once, about a minute)", directory)
+    try:
+        _module = load(name=f"clasp_cpu_draft_{directory.name.split('-')[-1]}", sources=[str(SOURCE)],
+                       extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                       build_directory=str(directory), verbose=False)
+    except Exception as e:  # compiler and linker failures surface as several exception types
+        raise RuntimeError(f"building the CPU draft kernel failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}") from e
+    return _module
+
+
+def block_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> [ceil(N/16), ceil(K/4), 16, 4], zero-padded: the kernel's layout, where each
+    64-byte line holds 4 consecutive inputs of 16 output rows."""
+    n, k = q.shape
+    n16, k4 = -(-n // 16) * 16, -(-k // 4) * 4
+    padded = torch.zeros(n16, k4, dtype=torch.int8)
+    padded[:n, :k] = q
+    return padded.view(n16 // 16, 16, k4 // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
+def int8_matrix(q: torch.Tensor, scale: torch.Tensor, vnni: bool = True):
+    """The kernel's matrix for int8 q [N, K] with per-row float32 scales; q may be freed after."""
+    ext = load_extension()
+    return ext.Int8Matrix(block_int8(q), scale.float().contiguous(), q.sum(1, dtype=torch.int32).contiguous(),
+                          q.shape[0], q.shape[1], None, vnni)
+
+
+class FusedDraft:
+    """A draft token per call over a runner's int8 draft copy (Int8Weight with kernel matrices,
+    which the copy's own torch-path products share). vnni=False: the portable loops (the same
+    integer arithmetic, slower), for tests and CPUs without AVX-512 VNNI.
+    """
+
+    def __init__(self, spec, embed: torch.Tensor, weights, vnni: bool = True) -> None:
+        ext = load_extension()
+        self._model = ext.DraftModel(embed, weights.final_norm.float().contiguous(), weights.lm_head.kernel,
+                                     spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps, vnni)
+        for lw in weights.layers:
+            if lw.q_norm is not None:
+                raise ValueError("the fused CPU draft does not support q/k norms (Qwen3)")
+            self._model.add_layer(lw.qkv.kernel, lw.qkv_bias, lw.o.kernel, lw.gate_up.kernel, lw.down.kernel,
+                                  lw.input_norm.float().contiguous(), lw.post_norm.float().contiguous())
+        self._skips: dict[frozenset[int], list[int]] = {}
+
+    @property
+    def uses_vnni(self) -> bool:
+        return self._model.uses_vnni
+
+    def forward(self, token_id: int, cache: KVCache, position: int, skip_set: frozenset[int],
+                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Logits [1, vocab] (float32) of the draft for token_id at `position`; writes its KV."""
+        skip = self._skips.get(skip_set)
+        if skip is None:
+            skip = self._skips[skip_set] = sorted(skip_set)
+            if len(self._skips) > 64:  # skip sets change every few rounds at most; keep the map small
+                self._skips = {skip_set: skip}
+        return self._model.forward(token_id, cache.keys, cache.values, position, cos, sin, skip)
