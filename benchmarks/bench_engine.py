@@ -6,9 +6,12 @@ Runs, side by side in one process on the same weights and the same prompt ids:
                     control (clasp.controller) and context n-gram drafts
   ar                our engine, mode="ar" (plain autoregressive decoding, the baseline)
   clasp_fixed       clasp without the controller and n-gram drafts (always draft up to K)
+  clasp_torch_draft clasp with the int8 draft run through torch ops (fbgemm) instead of the one-call
+                    C++ kernel (clasp/cpu_draft.cpp): a second engine, loaded with fused_draft=False
   clasp_shared      mode="clasp" with the draft on the shared full-precision weights and M = half
                     the layers: the paper's regime, where the DP does the work (adaptive)
-  clasp_shared_fixed  the same without the controller: the paper's algorithm as published
+  clasp_shared_fixed  the same without the controller and with the paper's exit threshold 0.7: the
+                    paper's algorithm as published
   clasp_m6_loi32/64/128  draft copy (int8 on CPU), M=6 chosen by the DP, re-planned every 32/64/128 rounds
   static            our engine, mode="static" (one fixed skip set)
   (not run by default: static, clasp_m6_loi*)
@@ -65,17 +68,19 @@ ENGINE_VARIANTS = {
     "ar": ("ar", {}),
     "clasp": ("clasp", {}),
     "clasp_fixed": ("clasp", NOT_ADAPTIVE),
+    "clasp_torch_draft": ("clasp", {}),  # on the engine loaded with fused_draft=False (TORCH_DRAFT_METHODS)
     "clasp_shared": ("clasp", {"draft_dtype": None}),
-    "clasp_shared_fixed": ("clasp", {"draft_dtype": None, **NOT_ADAPTIVE}),
+    "clasp_shared_fixed": ("clasp", {"draft_dtype": None, "draft_exit_threshold": 0.7, **NOT_ADAPTIVE}),
     "clasp_m6_loi32": ("clasp", {"num_skip_layers": 6, "replan_interval": 32}),
     "clasp_m6_loi64": ("clasp", {"num_skip_layers": 6, "replan_interval": 64}),
     "clasp_m6_loi128": ("clasp", {"num_skip_layers": 6, "replan_interval": 128}),
     "static": ("static", {}),
 }
 ENGINE_METHODS = tuple(ENGINE_VARIANTS)
+TORCH_DRAFT_METHODS = ("clasp_torch_draft",)
 HF_METHODS = ("hf_greedy", "hf_prompt_lookup", "hf_early_exit")
 ALL_METHODS = ENGINE_METHODS + HF_METHODS  # run order within a question: ar first
-DEFAULT_METHODS = ("ar", "clasp", "clasp_fixed", "clasp_shared", "clasp_shared_fixed") + HF_METHODS
+DEFAULT_METHODS = ("ar", "clasp", "clasp_fixed", "clasp_torch_draft", "clasp_shared", "clasp_shared_fixed") + HF_METHODS
 # Spec-Bench's six categories; the eight MT-bench categories are reported as one.
 CATEGORIES = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 MT_BENCH = frozenset({"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"})
@@ -215,14 +220,16 @@ def hf_runner(model, eos_ids: list[int], pad_id: int, extra: dict) -> Callable[[
 
 
 def build_runners(methods: list[str], engine: Engine, config: ClaspConfig, hf_model, early_exit_layer: int,
-                  temperature: float = 0.0) -> dict:
+                  temperature: float = 0.0, torch_draft_engine: Engine | None = None) -> dict:
     runners = {}
     eos_ids = sorted(engine.eos_ids)
     pad_id = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else eos_ids[0]
     hf_extra = {"hf_greedy": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
                 "hf_early_exit": {"assistant_early_exit": early_exit_layer}}
     for method in methods:
-        if method in ENGINE_METHODS:
+        if method in TORCH_DRAFT_METHODS:
+            runners[method] = engine_runner(torch_draft_engine, config, method, temperature)
+        elif method in ENGINE_METHODS:
             runners[method] = engine_runner(engine, config, method, temperature)
         else:
             runners[method] = hf_runner(hf_model, eos_ids, pad_id, hf_extra[method])
@@ -565,7 +572,14 @@ def main(argv: list[str] | None = None) -> int:
     num_layers = engine.runner.spec.num_layers
     early_exit_layer = args.early_exit_layer or num_layers // 2
     hf_model = load_model(args.model, dtype, device)[0] if any(m in HF_METHODS for m in methods) else None
-    runners = build_runners(methods, engine, config, hf_model, early_exit_layer, args.temperature)
+    torch_draft_engine = None
+    if any(m in TORCH_DRAFT_METHODS for m in methods):
+        if engine.runner.fused_draft is None:
+            raise SystemExit(f"--methods: {','.join(TORCH_DRAFT_METHODS)} compares against the fused CPU draft, "
+                             "which this engine does not use (no AVX-512 VNNI, not CPU, or not an int8 draft)")
+        torch_draft_engine = Engine.load(args.model, config, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                                         fused_draft=False)
+    runners = build_runners(methods, engine, config, hf_model, early_exit_layer, args.temperature, torch_draft_engine)
 
     questions = load_questions(args.questions, None if args.full else args.per_category)
     print(f"{len(questions)} questions x {len(methods)} methods ({','.join(methods)}), "
@@ -593,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
             "weights_mib": engine.runner.weights.nbytes() / 2**20,
             "draft_copy_mib": (engine.runner.draft_weights.nbytes() / 2**20 if engine.runner.draft_has_copy else 0.0),
             "packed_weights_mib": engine.runner.packed_nbytes / 2**20,
+            "fused_draft": engine.runner.fused_draft is not None,
             "draft_copy_dtype": (str(config.draft_torch_dtype(engine.runner.device.type)).removeprefix("torch.")
                                  if engine.runner.draft_has_copy else None),
             "wall_seconds": time.perf_counter() - started}

@@ -38,7 +38,9 @@ class ClaspConfig:
     shared_draft_skip_ratio: float = 0.5
     copied_draft_skip_ratio: float = 0.0
     max_draft_length: int = 8  # K, tokens drafted per round at most
-    draft_exit_threshold: float = 0.6  # stop drafting when the draft's top probability falls below
+    # Stop drafting when the draft's top probability falls below this. With the 5 ms fused int8
+    # draft (2 per category, one run each): 0.6 1.55x, 0.4 1.62x, 0.25 1.77x, 0.1 1.77x over ar.
+    draft_exit_threshold: float = 0.25
     replan_interval: int = 32  # LOI, in verification rounds
     static_skip_set: tuple[int, ...] | None = None  # static mode; None -> evenly spread middle layers
     draft_dtype: str | None = "auto"  # weights of the draft copy (DRAFT_DTYPES); None -> share the full weights
