@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 
 import torch
@@ -125,13 +126,18 @@ def _build_kernels() -> int:
     if reason is not None:
         print(f"CPU draft kernel skipped: {reason}; drafts run through torch ops", file=sys.stderr)
         return 0
-    print(f"building the CPU draft kernel in {cpu_draft.build_dir()} (about a minute the first time)", file=sys.stderr)
+    if not any(cpu_draft.build_dir().glob("*.so")):
+        print(f"building the CPU draft kernel in {cpu_draft.build_dir()} (about a minute)", file=sys.stderr)
     try:
         ext = cpu_draft.load_extension()
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"CPU draft kernel ready: {cpu_draft.build_dir()} (AVX-512 VNNI: {'yes' if ext.cpu_has_vnni() else 'no'})")
+    current = cpu_draft.build_dir()
+    for old in current.parent.glob("cpu_draft-*"):  # builds of earlier sources or torch versions
+        if old != current and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    print(f"CPU draft kernel ready: {current} (AVX-512 VNNI: {'yes' if ext.cpu_has_vnni() else 'no'})")
     return 0
 
 

@@ -12,6 +12,8 @@ acceptance, never the output.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import platform
@@ -67,26 +69,40 @@ def build_dir() -> Path:
     return cache_dir() / "kernels" / f"cpu_draft-{digest}"
 
 
+def _module_name() -> str:
+    return f"clasp_cpu_draft_{build_dir().name.split('-')[-1]}"
+
+
 def load_extension():
-    """The compiled extension module, built on first use. Raises RuntimeError with the reason."""
+    """The compiled extension module: imported directly where it was built before (no compiler
+    needed, read-only filesystems fine), else built now. Raises RuntimeError with the reason."""
     global _module
     if _module is not None:
+        return _module
+    directory, name = build_dir(), _module_name()
+    built = directory / f"{name}.so"
+    if built.exists():
+        loader = importlib.machinery.ExtensionFileLoader(name, str(built))
+        spec = importlib.util.spec_from_file_location(name, str(built), loader=loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        _module = module
         return _module
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)
     from torch.utils.cpp_extension import load
 
-    directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.glob("*.so")):
-        log.info("building the CPU draft kernel into %s (once, about a minute)", directory)
+    log.info("building the CPU draft kernel into %s (once, about a minute)", directory)
     try:
-        _module = load(name=f"clasp_cpu_draft_{directory.name.split('-')[-1]}", sources=[str(SOURCE)],
-                       extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                       build_directory=str(directory), verbose=False)
+        # No -march: AVX-512 VNNI code is compiled per function and chosen at run time, so one
+        # build (e.g. in a container image) runs on any x86-64 CPU.
+        _module = load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
     except Exception as e:  # compiler and linker failures surface as several exception types
-        raise RuntimeError(f"building the CPU draft kernel failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}") from e
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"building the CPU draft kernel failed: {detail}") from e
     return _module
 
 
