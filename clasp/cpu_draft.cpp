@@ -347,7 +347,7 @@ class DraftModel {
       skipped[s] = 1;
     }
     std::vector<float> x(embed_.data_ptr<float>() + token * D, embed_.data_ptr<float>() + (token + 1) * D);
-    std::vector<float> h(D), tmp(D), qkv, attn(H * hd), gu, act;
+    std::vector<float> h(D), tmp(D), qkv, attn(H * hd), gu, act, rotated(hd);
     QuantizedRow xq;
     const float* c = cos.data_ptr<float>() + position * hd;
     const float* s = sin.data_ptr<float>() + position * hd;
@@ -370,7 +370,6 @@ class DraftModel {
       gemv(ly.qkv, xq, qkv.data());
       float* kbase = kc.data_ptr<float>();
       float* vbase = vc.data_ptr<float>();
-      std::vector<float> rotated(hd);
       for (int64_t head = 0; head < H + KVH; ++head) {  // q heads, then k heads
         float* v = qkv.data() + head * hd;
         for (int64_t i = 0; i < hd; ++i) rotated[i] = v[i] * c[i] + v[(i + half) % hd] * s[i];
