@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from clasp.config import DRAFT_DTYPE_CHOICES, FUSED_DRAFT, FUSED_DRAFT_HELP, PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig
 from clasp.engine import Engine
+from clasp.model_runner import single_row_choices
 from clasp_serve.v1 import clasp_pb2
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
 from decoder_service.service_common import (ErrorInterceptor, add_health_and_reflection, env, redis_client,
@@ -92,7 +93,8 @@ async def serve(args: argparse.Namespace) -> None:
     servicer.attach(engine, bus)
     await loop.run_in_executor(torch_thread, servicer.warm_up)
     await set_serving(health, [SERVICE], True)
-    log.info("serving", model=engine.identity, redis=bool(bus))
+    log.info("serving", model=engine.identity, redis=bool(bus), fused_draft=engine.runner.fused_draft is not None,
+             packed_weights_mib=engine.runner.packed_nbytes >> 20, single_row_as_two=single_row_choices())
 
     await wait_for_stop_signal()
     log.info("draining", grace_period_s=args.grace_period_s, in_flight=servicer.in_flight())
