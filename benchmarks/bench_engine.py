@@ -9,12 +9,13 @@ Runs, side by side in one process on the same weights and the same prompt ids:
   clasp_torch_draft clasp with the int8 draft run through torch ops (fbgemm) instead of the one-call
                     C++ kernel (clasp/cpu_draft.cpp): a second engine, loaded with fused_draft=False
   clasp_shared      mode="clasp" with the draft on the shared full-precision weights and M = half
-                    the layers: the paper's regime, where the DP does the work (adaptive)
+                    the layers: the paper's regime, where the DP does the work (adaptive, adaptive M)
   clasp_shared_fixed  the same without the controller and with the paper's exit threshold 0.7: the
                     paper's algorithm as published
+  clasp_shared_fixed_m  clasp_shared with adaptive M off: every model draft skips M layers
   clasp_m6_loi32/64/128  draft copy (int8 on CPU), M=6 chosen by the DP, re-planned every 32/64/128 rounds
   static            our engine, mode="static" (one fixed skip set)
-  (not run by default: static, clasp_m6_loi*)
+  (not run by default: static, clasp_shared_fixed_m, clasp_m6_loi*)
   hf_greedy         transformers model.generate(do_sample=False)
   hf_prompt_lookup  transformers generate(prompt_lookup_num_tokens=10)
   hf_early_exit     transformers generate(assistant_early_exit=~L/2) (self-speculative early exit)
@@ -71,6 +72,7 @@ ENGINE_VARIANTS = {
     "clasp_torch_draft": ("clasp", {}),  # on the engine loaded with fused_draft=False (TORCH_DRAFT_METHODS)
     "clasp_shared": ("clasp", {"draft_dtype": None}),
     "clasp_shared_fixed": ("clasp", {"draft_dtype": None, "draft_exit_threshold": 0.7, **NOT_ADAPTIVE}),
+    "clasp_shared_fixed_m": ("clasp", {"draft_dtype": None, "adaptive_skip": False}),
     "clasp_m6_loi32": ("clasp", {"num_skip_layers": 6, "replan_interval": 32}),
     "clasp_m6_loi64": ("clasp", {"num_skip_layers": 6, "replan_interval": 64}),
     "clasp_m6_loi128": ("clasp", {"num_skip_layers": 6, "replan_interval": 128}),
@@ -119,7 +121,8 @@ class Row:
     num_draft_tokens: int | None = None
     num_accepted_tokens: int | None = None
     plan_seconds: float | None = None
-    skip_ratio: float | None = None  # round-weighted mean of |skip set| / num_layers
+    skip_ratio: float | None = None  # layers skipped per model-drafted token / num_layers
+    num_model_draft_tokens: int | None = None  # drafted by the layer-skip model (not n-grams)
     num_plain_rounds: int | None = None  # rounds the controller decoded without a draft
     num_ngram_draft_tokens: int | None = None
     num_ngram_accepted_tokens: int | None = None
@@ -161,17 +164,6 @@ def build_config(args: argparse.Namespace) -> ClaspConfig:
 
 
 # ---------------------------------------------------------------------- runners
-def skip_ratio(plans, num_rounds: int, num_layers: int) -> float:
-    """Mean fraction of layers skipped while drafting, each plan weighted by the rounds it was used for."""
-    if not plans:
-        return 0.0
-    ends = [p.step for p in plans[1:]] + [max(num_rounds, plans[-1].step)]
-    weights = [max(end - p.step, 0) for p, end in zip(plans, ends)]
-    if sum(weights) == 0:
-        weights = [1] * len(plans)
-    return sum(w * len(p.skip_set) for w, p in zip(weights, plans)) / (sum(weights) * num_layers)
-
-
 def engine_runner(engine: Engine, config: ClaspConfig, method: str,
                   temperature: float = 0.0) -> Callable[[list[int], int], dict]:
     """A function (prompt ids, max new tokens) -> row fields, for one of ENGINE_VARIANTS.
@@ -192,7 +184,7 @@ def engine_runner(engine: Engine, config: ClaspConfig, method: str,
             fields.update(mean_accepted_length=s.mean_accepted_length, acceptance_rate=s.acceptance_rate,
                           num_rounds=s.num_rounds, num_draft_tokens=s.num_draft_tokens,
                           num_accepted_tokens=s.num_accepted_tokens, plan_seconds=s.plan_seconds,
-                          skip_ratio=skip_ratio(result.plans, s.num_rounds, num_layers),
+                          skip_ratio=s.mean_skipped_layers / num_layers, num_model_draft_tokens=s.num_model_draft_tokens,
                           num_plain_rounds=s.num_plain_rounds, num_ngram_draft_tokens=s.num_ngram_draft_tokens,
                           num_ngram_accepted_tokens=s.num_ngram_accepted_tokens, plan_io_seconds=s.plan_io_seconds)
         return fields
@@ -296,7 +288,8 @@ def aggregate(rows: list[Row]) -> dict:
                    plan_io_share=sum(r.plan_io_seconds or 0.0 for r in spec) / sum(r.seconds for r in spec))
         out.update(mean_accepted_length=(accepted + rounds) / rounds,
                    acceptance_rate=accepted / drafted if drafted else 0.0,
-                   skip_ratio=sum(r.skip_ratio * r.num_rounds for r in spec) / rounds,
+                   skip_ratio=(sum(r.skip_ratio * r.num_model_draft_tokens for r in spec)
+                               / max(sum(r.num_model_draft_tokens for r in spec), 1)),
                    plan_seconds=plan_seconds,
                    dp_share=plan_seconds / sum(r.seconds for r in spec))
     errors = [r.error for r in rows if r.error]

@@ -99,6 +99,7 @@ class ServiceRow:
     ttft_s: float | None = None  # gRPC only: client-side, to the first streamed message with tokens
     finish_reason: str | None = None
     mean_accepted_length: float | None = None  # clasp modes: tokens emitted per verification round
+    mean_skipped_layers: float | None = None  # clasp modes: layers skipped per model-drafted token
     num_rounds: int | None = None
     num_draft_tokens: int | None = None
     num_accepted_tokens: int | None = None
@@ -301,6 +302,7 @@ def grpc_runner(client: ClaspClient, options: dict) -> Runner:
                       num_prompt_tokens=done.num_prompt_tokens, plan_versions=s["plan_versions"])
         if speculative:
             fields.update(mean_accepted_length=s["mean_accepted_length"], num_rounds=s["num_rounds"],
+                          mean_skipped_layers=s["mean_skipped_layers"],
                           num_draft_tokens=s["num_draft_tokens"], num_accepted_tokens=s["num_accepted_tokens"],
                           plan_io_seconds=s["plan_io_seconds"], decode_seconds=s["decode_seconds"])
         return fields
@@ -400,6 +402,9 @@ def aggregate(rows: list[ServiceRow]) -> dict:
     if spec:
         rounds = sum(r.num_rounds for r in spec)
         out["mean_accepted_length"] = (sum(r.num_accepted_tokens for r in spec) + rounds) / rounds
+        drafted = sum(r.num_draft_tokens for r in spec)
+        out["mean_skipped_layers"] = (sum((r.mean_skipped_layers or 0.0) * r.num_draft_tokens for r in spec) / drafted
+                                      if drafted else 0.0)
     planned = [r for r in ok if r.plan_versions is not None]
     if planned:
         out["plan_versions"] = sum(len(r.plan_versions) for r in planned)
@@ -437,6 +442,7 @@ def render_markdown(summary: dict) -> str:
              f"category: {meta['questions_per_category']}, greedy, {meta['timestamp']}.", ""]
     header = ["Category", "grpc clasp tok/s", "grpc ar tok/s", "engine clasp tok/s", "engine ar tok/s",
               "clasp/ar (grpc)", "grpc/engine (clasp)", "grpc/engine (ar)", "mean accepted length (clasp / dp)",
+              "layers skipped per draft token (clasp / dp)",
               "TTFT clasp ms", f"plan versions (dp variant, M={DP_SKIP_LAYERS})"]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for name, table in tables.items():
@@ -446,6 +452,7 @@ def render_markdown(summary: dict) -> str:
             _fmt(ratios["clasp_vs_ar_grpc"], ".2f", "x"), _fmt(ratios["grpc_vs_engine_clasp"], ".2f", "x"),
             _fmt(ratios["grpc_vs_engine_ar"], ".2f", "x"),
             f"{_fmt(clasp.get('mean_accepted_length'), '.2f')} / {_fmt(dp.get('mean_accepted_length'), '.2f')}",
+            f"{_fmt(clasp.get('mean_skipped_layers'), '.1f')} / {_fmt(dp.get('mean_skipped_layers'), '.1f')}",
             _fmt(clasp.get("ttft_ms"), ".0f"), _fmt(dp.get("plan_versions"), "d")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", _notes(summary)]

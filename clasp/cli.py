@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-adaptive", dest="adaptive", action="store_false",
                    help="always draft up to K with the model (default: choose each round's draft source and length "
                         "from measured costs, and decode plainly while drafting does not pay)")
+    g.add_argument("--no-adaptive-skip", dest="adaptive_skip", action="store_false",
+                   help="always draft with M layers skipped (default, with --mode clasp, adaptive and M > 0: choose "
+                        "each round among M, 3M/4, M/2, M/4 and, with a draft copy, 0, by measured tokens per second)")
     g.add_argument("--ngram-size", type=int, default=DEFAULTS.ngram_size,
                    help="longest context n-gram for prompt-lookup drafts in adaptive mode; 0 disables them")
     g.add_argument("--skip-layers", type=_layer_list, default=None, help="static mode's skip set, e.g. 4,8,12 (0-based)")
@@ -90,7 +93,7 @@ def _generate(args: argparse.Namespace) -> int:
     config = ClaspConfig(
         mode=args.mode, num_skip_layers=args.num_skip_layers, max_draft_length=args.max_draft_length,
         draft_exit_threshold=args.draft_exit_threshold, replan_interval=args.replan_interval,
-        adaptive=args.adaptive, ngram_size=args.ngram_size,
+        adaptive=args.adaptive, adaptive_skip=args.adaptive_skip, ngram_size=args.ngram_size,
         static_skip_set=args.skip_layers, draft_dtype=None if args.draft_dtype == "none" else args.draft_dtype)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)

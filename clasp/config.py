@@ -47,6 +47,9 @@ class ClaspConfig:
     # Choose each round's draft source and length from measured acceptance and costs, and stop
     # drafting while it does not pay (clasp.controller). False: always draft up to K with the model.
     adaptive: bool = True
+    # Adaptive M (with adaptive and M > 0): each round drafts with M, 3M/4, M/2 or M/4 layers
+    # skipped (0 too with a draft copy), whichever is expected to emit the most tokens per second.
+    adaptive_skip: bool = True
     ngram_size: int = 3  # longest context n-gram looked up for prompt-lookup drafts; 0 disables them
 
     def __post_init__(self) -> None:

@@ -18,6 +18,14 @@ controller probes the model draft again after a back-off that doubles (up to max
 while drafting keeps not paying, so a session whose text turns predictable gets speculation back.
 All choices only change what is proposed: verification stays the full model, so output is exact.
 
+Adaptive M: with several skip counts (`skip_counts`, e.g. M, 3M/4, M/2, M/4, and 0 where the draft
+has its own copy), each is a draft of its own, with its own acceptance and a cost proportional to
+`draft_units(j)` (weight bytes a draft token reads with j layers skipped) times one measured
+seconds-per-unit. The DP plans every j up to M in one pass, so the choice costs no extra planning.
+Every skip count is tried once (a short draft) as soon as costs are known; after that the best one
+runs, and every `probe_every` model rounds one round goes to a neighbour of the best, so a stale
+estimate recovers.
+
 With `fixed_costs` the costs are not measured but given (relative units, e.g. weight bytes read per
 step, which on memory-bound hardware is what a step costs): choices then depend only on what was
 accepted, so a seeded sampling request draws the same tokens every time it runs.
@@ -26,6 +34,7 @@ accepted, so a seeded sampling request draws the same tokens every time it runs.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Sequence
 
 PLAIN, MODEL, NGRAM = "plain", "model", "ngram"
 
@@ -35,6 +44,7 @@ class RoundChoice:
     source: str  # PLAIN, MODEL or NGRAM
     num_draft: int  # at most this many tokens (the model draft may also stop on low confidence)
     ngram: list[int] = dataclasses.field(default_factory=list)  # the proposal, for NGRAM
+    num_skip: int | None = None  # MODEL: layers the draft skips (one of the controller's skip_counts)
 
 
 class AcceptanceStats:
@@ -109,20 +119,34 @@ class VerifyCost:
 class DraftController:
     def __init__(self, max_draft_length: int, decay: float = 0.9, model_prior: float = 0.6,
                  ngram_prior: float = 0.5, prior_weight: float = 1.0, min_backoff: int = 8,
-                 max_backoff: int = 64, fixed_costs: tuple[float, float, float] | None = None) -> None:
-        """fixed_costs: (draft cost per token, v1, slope per extra row) to use instead of measuring."""
+                 max_backoff: int = 64, fixed_costs: tuple[float, float, float] | None = None,
+                 skip_counts: Sequence[int] = (0,), draft_units: Callable[[int], float] | None = None,
+                 probe_every: int = 16, probe_length: int = 3) -> None:
+        """fixed_costs: (draft cost per unit, v1, slope per extra row) to use instead of measuring.
+        skip_counts: the layer-skip drafts to choose from, by layers skipped; the first runs first.
+        draft_units: the relative cost of a draft token with j layers skipped (default: 1 for every j)."""
+        if not skip_counts:
+            raise ValueError("skip_counts must name at least one skip count")
         self.max_draft_length = max_draft_length
         self.fixed_costs = fixed_costs
-        self.model = AcceptanceStats(max_draft_length, model_prior, prior_weight, decay)
+        self.skip_counts = tuple(dict.fromkeys(int(j) for j in skip_counts))
+        self.units = draft_units or (lambda j: 1.0)
+        self.models = {j: AcceptanceStats(max_draft_length, model_prior, prior_weight, decay) for j in self.skip_counts}
+        self.rounds_by_skip = dict.fromkeys(self.skip_counts, 0)
         self.ngram = AcceptanceStats(max_draft_length, ngram_prior, prior_weight, decay)
         self.verify = VerifyCost(decay)
         self.decay = decay
-        self.draft_cost: float | None = None  # seconds per model-drafted token
+        self.unit_cost: float | None = None  # measured seconds per draft unit
         self.model_drafted = 0.0  # decayed mean of tokens per model-draft round (the exit cuts rounds short)
         self.min_backoff, self.max_backoff = min_backoff, max_backoff
         self.backoff = min_backoff
         self.plain_streak = 0  # plain rounds since the model draft last ran
         self.probing = False
+        # Tries and probes draft at most probe_length tokens: on shared weights a draft token of a
+        # lightly skipped draft costs nearly a full step, and the first few positions say the most.
+        self.probe_every, self.probe_length = probe_every, probe_length
+        self.model_rounds = 0
+        self.probes = 0
 
     # ------------------------------------------------------------------ choose
     def choose(self, budget: int, ngram: list[int] | None = None) -> RoundChoice:
@@ -130,8 +154,8 @@ class DraftController:
         k_max = min(self.max_draft_length, budget)
         if k_max <= 0:
             return RoundChoice(PLAIN, 0)
-        if self.fixed_costs is None and (self.draft_cost is None or not self.verify.known):
-            return RoundChoice(MODEL, k_max)  # nothing measured yet: draft
+        if self.fixed_costs is None and (self.unit_cost is None or not self.verify.known):
+            return RoundChoice(MODEL, k_max, num_skip=self.skip_counts[0])  # nothing measured yet: draft
         draft_cost, verify_cost = self._costs()
         best = RoundChoice(PLAIN, 0)
         best_rate = 1.0 / verify_cost(1)
@@ -140,24 +164,48 @@ class DraftController:
             k, rate = self._best_length(self.ngram.cumulative(len(proposal)), 0.0, verify_cost)
             if k and rate > best_rate:
                 best, best_rate = RoundChoice(NGRAM, k, proposal[:k]), rate
-        k, rate = self._best_length(self.model.cumulative(k_max), draft_cost, verify_cost)
+        untried = [j for j in self.skip_counts if not self.rounds_by_skip[j]]
+        if untried and best.source != NGRAM:
+            return RoundChoice(MODEL, min(k_max, self.probe_length), num_skip=untried[0])
+        j, k, rate = self._best_model(k_max, draft_cost, verify_cost)
         if k and rate > best_rate:
-            best, best_rate = RoundChoice(MODEL, k), rate
+            best, best_rate = RoundChoice(MODEL, k, num_skip=j), rate
         if best.source == MODEL:
+            self.model_rounds += 1
+            if len(self.skip_counts) > 1 and self.model_rounds % self.probe_every == 0:
+                best.num_skip = self._neighbour(best.num_skip)
+                best.num_draft = min(k_max, max(best.num_draft, self.probe_length))
             return best
         # The model draft does not pay now: probe it again after the back-off.
         self.plain_streak += 1
         if self.plain_streak >= self.backoff:
             self.probing = True
-            return RoundChoice(MODEL, k_max)
+            return RoundChoice(MODEL, k_max, num_skip=j)
         return best
 
+    def _neighbour(self, j: int) -> int:
+        """A skip count next to j (alternately fewer and more skipped layers where both exist)."""
+        order = sorted(self.skip_counts)
+        i = order.index(j)
+        sides = [order[n] for n in (i - 1, i + 1) if 0 <= n < len(order)]
+        self.probes += 1
+        return sides[self.probes % len(sides)]
+
     def _costs(self):
-        """(draft seconds per token, verify seconds as a function of rows), measured or fixed."""
+        """(draft seconds per token as a function of the skip count, verify seconds as a function of rows)."""
         if self.fixed_costs is not None:
-            draft_cost, v1, slope = self.fixed_costs
-            return draft_cost, lambda rows: v1 + slope * (rows - 1)
-        return self.draft_cost, self.verify.cost
+            unit_cost, v1, slope = self.fixed_costs
+            return (lambda j: unit_cost * self.units(j)), (lambda rows: v1 + slope * (rows - 1))
+        return (lambda j: self.unit_cost * self.units(j)), self.verify.cost
+
+    def _best_model(self, k_max: int, draft_cost, verify_cost) -> tuple[int, int, float]:
+        """(skip count, draft length, expected tokens per second) of the best model draft."""
+        best = (self.skip_counts[0], 0, 0.0)
+        for j in self.skip_counts:
+            k, rate = self._best_length(self.models[j].cumulative(k_max), draft_cost(j), verify_cost)
+            if k and rate > best[2]:
+                best = (j, k, rate)
+        return best
 
     def _best_length(self, cumulative: list[float], draft_cost: float, verify_cost) -> tuple[int, float]:
         """The draft length with the most expected tokens per second, and that rate."""
@@ -177,16 +225,18 @@ class DraftController:
         if choice.source == NGRAM:
             self.ngram.observe(num_drafted, accepted_length)
         elif choice.source == MODEL and num_drafted:
-            self.model.observe(num_drafted, accepted_length)
-            per_token = draft_seconds / num_drafted
+            j = self.skip_counts[0] if choice.num_skip is None else choice.num_skip
+            self.models[j].observe(num_drafted, accepted_length)
+            self.rounds_by_skip[j] += 1
+            per_unit = draft_seconds / (num_drafted * self.units(j))
             d = self.decay
-            self.draft_cost = per_token if self.draft_cost is None else d * self.draft_cost + (1 - d) * per_token
+            self.unit_cost = per_unit if self.unit_cost is None else d * self.unit_cost + (1 - d) * per_unit
             self.model_drafted = d * self.model_drafted + (1 - d) * num_drafted if self.model_drafted else num_drafted
             if self.probing:
                 self.probing = False
                 # Still not paying after the probe: wait twice as long next time; paying: half as long.
                 draft_cost, verify_cost = self._costs()
-                k, rate = self._best_length(self.model.cumulative(self.max_draft_length), draft_cost, verify_cost)
+                _, k, rate = self._best_model(self.max_draft_length, draft_cost, verify_cost)
                 self.backoff = (min(self.backoff * 2, self.max_backoff) if not k or rate <= 1.0 / verify_cost(1)
                                 else max(self.backoff // 2, self.min_backoff))
             self.plain_streak = 0

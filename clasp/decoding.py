@@ -242,11 +242,15 @@ def self_speculative_step(runner: ModelRunner, cache: KVCache, token_id: int, po
         stats.num_ngram_accepted_tokens += result.accepted_length
     elif not drafted:
         stats.num_plain_rounds += 1
+    else:
+        stats.num_model_draft_tokens += len(drafted)
+        stats.num_skipped_layers_drafted += len(skip_set) * len(drafted)
     return drafted[:result.accepted_length] + [result.next_token_id], result
 
 
-def _adopt(plan: LayerPlan, num_skip: int, step: int, plans: list[PlanRecord]) -> frozenset[int]:
-    """Use a DP plan; record it when it changes the skip set."""
+def _adopt(plan: LayerPlan, num_skip: int, step: int, plans: list[PlanRecord], skip_sets: SkipSets) -> frozenset[int]:
+    """Use a DP plan; record it when it changes the skip set (of M layers)."""
+    skip_sets.plan = plan
     skip_set = plan.skip_set(num_skip)
     if not plans or plans[-1].skip_set != sorted(skip_set):
         plans.append(PlanRecord(step, sorted(skip_set), plan.score(num_skip), plan.seconds))
@@ -283,6 +287,9 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
     draft_has_copy = runner.draft_has_copy and config.draft_dtype is not None
     num_skip = config.skip_count(spec.num_layers, draft_has_copy) if speculative else 0
     dynamic = config.mode == "clasp" and num_skip > 0  # with M = 0 the DP has nothing to choose
+    # Adaptive M: the controller picks each round's skip count from these (the DP plans all j <= M).
+    skip_counts = skip_ladder(num_skip, draft_has_copy) if dynamic and config.adaptive and config.adaptive_skip \
+        else (num_skip,)
     cache = runner.new_cache(len(prompt_ids) + max_new)
     exchange = plan_exchange or LocalPlanner(runner, cache)
     out = _Output(tokenizer, params, eos_ids, max_new)
@@ -290,13 +297,14 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
     logits, hidden = prefill(runner, cache, torch.tensor(prompt_ids, device=runner.device),
                              collect_hidden=dynamic and initial_plan is None)
     skip_set = config.static_skips(spec.num_layers, draft_has_copy) if speculative else frozenset()
+    skip_sets = SkipSets(skip_set, config, spec.num_layers, draft_has_copy)
     if dynamic:
         if initial_plan is not None:
-            skip_set = _adopt(initial_plan, num_skip, 0, plans)
+            skip_set = _adopt(initial_plan, num_skip, 0, plans, skip_sets)
         else:
             exchange.submit(PlanInput(0, hidden, len(prompt_ids) - 1, list(prompt_ids), num_skip))
     if speculative and not plans:
-        skip_set = _poll(exchange, skip_set, num_skip, 0, plans, stats) if dynamic else skip_set
+        skip_set = _poll(exchange, skip_set, num_skip, 0, plans, stats, skip_sets) if dynamic else skip_set
         if not plans:
             plans.append(PlanRecord(0, sorted(skip_set), None, 0.0))
 
@@ -306,8 +314,9 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
     controller = None
     if speculative and config.adaptive:
         # Seeded sampling: costs from weight bytes, not timings, so the same seed draws the same tokens.
-        fixed = byte_costs(runner, num_skip) if params.seed is not None and not params.greedy else None
-        controller = DraftController(config.max_draft_length, fixed_costs=fixed)
+        fixed = byte_costs(runner) if params.seed is not None and not params.greedy else None
+        controller = DraftController(config.max_draft_length, fixed_costs=fixed, skip_counts=skip_counts,
+                                     draft_units={j: draft_token_bytes(runner, j) for j in skip_counts}.__getitem__)
     ngrams = None
     if speculative and config.adaptive and config.ngram_size:
         ngrams = NgramIndex(config.ngram_size)
@@ -320,7 +329,8 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
         else:
             choice = RoundChoice(MODEL if budget > 0 else PLAIN, budget)
         replan = dynamic and (stats.num_rounds + 1) % config.replan_interval == 0
-        new_ids, result = self_speculative_step(runner, cache, token_id, position, skip_set, choice, config,
+        round_skips = skip_set if choice.num_skip in (None, num_skip) else skip_sets.get(choice.num_skip)
+        new_ids, result = self_speculative_step(runner, cache, token_id, position, round_skips, choice, config,
                                                 params, generator, stats, collect_hidden=replan)
         if controller is not None:
             controller.observe(choice, result.num_drafted, result.accepted_length, result.draft_seconds,
@@ -335,30 +345,58 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
             if replan and out.finish_reason is None:  # a finished request has nothing left to plan for
                 context = (prompt_ids + out.token_ids)[:result.hidden_position + 1]
                 exchange.submit(PlanInput(stats.num_rounds, result.hidden, result.hidden_position, context, num_skip))
-            skip_set = _poll(exchange, skip_set, num_skip, stats.num_rounds, plans, stats)
+            skip_set = _poll(exchange, skip_set, num_skip, stats.num_rounds, plans, stats, skip_sets)
             stats.plan_io_seconds += time.perf_counter() - t_plan
     chunk.result = GenerationResult(out.text, out.token_ids, out.finish_reason, len(prompt_ids), stats, plans,
                                     time.perf_counter() - started)
     yield chunk
 
 
-def byte_costs(runner: ModelRunner, num_skip: int) -> tuple[float, float, float]:
-    """(draft cost per token, plain step, extra verify row) in units of a plain step, from the weight
-    bytes each reads: what they cost on memory-bound hardware. An extra verified row costs ~1% of
-    a step on a GPU; on the dev CPU ~7% with prepacked weights (1 row 24 ms, 8 rows 37 ms) and
-    ~15% without (8 rows 59 ms)."""
-    full = runner.weights.nbytes()
+def skip_ladder(num_skip: int, draft_has_copy: bool) -> tuple[int, ...]:
+    """The skip counts adaptive M chooses from: M first, then 3M/4, M/2 and M/4, and 0 where the
+    draft has its own cheaper copy (with shared weights a draft skipping nothing is the full model)."""
+    ladder = [num_skip] + [round(num_skip * f) for f in (0.75, 0.5, 0.25)] + ([0] if draft_has_copy else [])
+    return tuple(dict.fromkeys(j for j in ladder if j > 0 or draft_has_copy))
+
+
+def draft_token_bytes(runner: ModelRunner, num_skip: int) -> float:
+    """Weight bytes a draft token reads with num_skip layers skipped: what it costs on memory-bound hardware."""
     draft = runner.draft_weights
-    draft_layers = draft.layer_nbytes() * (runner.spec.num_layers - num_skip)
+    return float(draft.layer_nbytes() * (runner.spec.num_layers - num_skip) + nbytes(draft.lm_head))
+
+
+def byte_costs(runner: ModelRunner) -> tuple[float, float, float]:
+    """(draft cost per weight byte, plain step, extra verify row) in units of a plain step, from
+    the weight bytes each reads (draft_token_bytes gives a draft token's bytes). An extra
+    verified row costs ~1% of a step on a GPU; on the dev CPU ~7% with prepacked weights (1 row
+    24 ms, 8 rows 37 ms) and ~15% without (8 rows 59 ms)."""
     row_cost = 0.01 if runner.device.type == "cuda" else 0.07 if runner.packed_nbytes else 0.15
-    return (draft_layers + nbytes(draft.lm_head)) / full, 1.0, row_cost
+    return 1.0 / runner.weights.nbytes(), 1.0, row_cost
+
+
+class SkipSets:
+    """The skip set for each skip count j: from the newest DP plan (which holds every j <= M), or
+    before the first plan, the static default for j."""
+
+    def __init__(self, static: frozenset[int], config: ClaspConfig, num_layers: int, draft_has_copy: bool) -> None:
+        self.plan: LayerPlan | None = None
+        self.config, self.num_layers, self.draft_has_copy = config, num_layers, draft_has_copy
+        self.static: dict[int, frozenset[int]] = {len(static): static}
+
+    def get(self, num_skip: int) -> frozenset[int]:
+        if self.plan is not None:
+            return self.plan.skip_set(num_skip)
+        if num_skip not in self.static:
+            config = dataclasses.replace(self.config, num_skip_layers=num_skip, static_skip_set=None)
+            self.static[num_skip] = config.static_skips(self.num_layers, self.draft_has_copy)
+        return self.static[num_skip]
 
 
 def _poll(exchange: PlanExchange, skip_set: frozenset[int], num_skip: int, step: int, plans: list[PlanRecord],
-          stats: DecodeStats) -> frozenset[int]:
+          stats: DecodeStats, skip_sets: SkipSets) -> frozenset[int]:
     """Adopt the newest plan if one arrived; otherwise keep the current skip set."""
     plan = exchange.poll()
     if plan is None:
         return skip_set
     stats.observe_plan(plan.seconds)
-    return _adopt(plan, num_skip, step, plans)
+    return _adopt(plan, num_skip, step, plans, skip_sets)

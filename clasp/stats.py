@@ -17,6 +17,8 @@ class DecodeStats:
     num_ngram_drafts: int = 0  # rounds that drafted from the context (n-gram lookup)
     num_ngram_draft_tokens: int = 0
     num_ngram_accepted_tokens: int = 0
+    num_model_draft_tokens: int = 0  # drafted by the layer-skip model (not the n-gram lookup)
+    num_skipped_layers_drafted: int = 0  # layers skipped, summed over the model's drafted tokens
     num_replans: int = 0
     plan_seconds: float = 0.0
     draft_seconds: float = 0.0
@@ -45,6 +47,11 @@ class DecodeStats:
         return (sum(self.accepted_lengths) + self.num_rounds) / self.num_rounds if self.num_rounds else 0.0
 
     @property
+    def mean_skipped_layers(self) -> float:
+        """Layers skipped per model-drafted token (with adaptive M, the skip count varies by round)."""
+        return self.num_skipped_layers_drafted / self.num_model_draft_tokens if self.num_model_draft_tokens else 0.0
+
+    @property
     def acceptance_rate(self) -> float:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
@@ -52,4 +59,5 @@ class DecodeStats:
         d = dataclasses.asdict(self)
         d["mean_accepted_length"] = self.mean_accepted_length
         d["acceptance_rate"] = self.acceptance_rate
+        d["mean_skipped_layers"] = self.mean_skipped_layers
         return d

@@ -36,6 +36,7 @@ def build_request(prompt: str | None = None, messages: Sequence[dict] | None = N
                   top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                   stop: Sequence[str] = (), mode: str | None = None, replan_interval: int | None = None,
                   num_skip_layers: int | None = None, max_draft_length: int | None = None,
+                  adaptive: bool | None = None, adaptive_skip: bool | None = None, ngram_size: int | None = None,
                   raw_prompt: bool = False) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; None leaves the server's default."""
     if (prompt is None) == (messages is None):
@@ -54,7 +55,8 @@ def build_request(prompt: str | None = None, messages: Sequence[dict] | None = N
     if mode is not None:
         req.speculation.mode = MODES[mode]
     for name, value in (("replan_interval", replan_interval), ("num_skip_layers", num_skip_layers),
-                        ("max_draft_length", max_draft_length)):
+                        ("max_draft_length", max_draft_length), ("adaptive", adaptive),
+                        ("adaptive_skip", adaptive_skip), ("ngram_size", ngram_size)):
         if value is not None:
             setattr(req.speculation, name, value)
     return req

@@ -68,7 +68,7 @@ def request_from_pb(req: pb.GenerateRequest, engine: Engine, defaults: ClaspConf
         if spec.mode not in MODES:
             raise ValueError(f"speculation.mode: unknown value {spec.mode}")
         overrides["mode"] = MODES[spec.mode]
-    for name in ("replan_interval", "num_skip_layers", "max_draft_length", "adaptive", "ngram_size"):
+    for name in ("replan_interval", "num_skip_layers", "max_draft_length", "adaptive", "adaptive_skip", "ngram_size"):
         if spec.HasField(name):
             overrides[name] = getattr(spec, name)
     config = _field("speculation", lambda: dataclasses.replace(defaults, **overrides))
@@ -99,5 +99,6 @@ def final_to_pb(request_id: str, result: GenerationResult | None, finish_reason:
         stats.num_ngram_accepted_tokens = s.num_ngram_accepted_tokens
         stats.plan_io_seconds = s.plan_io_seconds
         stats.decode_seconds = result.seconds
+        stats.mean_skipped_layers = s.mean_skipped_layers
     return pb.GenerateResponse(request_id=request_id, finish_reason=FINISH[finish_reason],
                                num_prompt_tokens=num_prompt_tokens, num_generated_tokens=num_generated, stats=stats)

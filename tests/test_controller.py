@@ -63,6 +63,39 @@ def test_controller_keeps_drafting_when_it_pays():
     assert sum(c.num_draft for c in choices[10:]) / 90 > 5  # long drafts
 
 
+def play_skip_counts(controller: DraftController, rounds: int, accept: dict[int, float], step: float = 0.060):
+    """Rounds where a draft skipping j layers costs (30 - j) / 30 of a step per token and each of its
+    tokens is accepted with probability accept[j] (deterministic pattern). Returns the choices."""
+    choices = []
+    for r in range(rounds):
+        choice = controller.choose(budget=8)
+        choices.append(choice)
+        drafted = choice.num_draft if choice.source == MODEL else 0
+        tau = 0
+        while tau < drafted and ((r * 7 + tau * 3) % 100) < accept[choice.num_skip] * 100:
+            tau += 1
+        draft_seconds = drafted * step * (30 - (choice.num_skip or 0)) / 30
+        controller.observe(choice, drafted, tau, draft_seconds, step + 0.001 * drafted)
+    return choices
+
+
+def test_adaptive_m_settles_on_the_skip_count_with_most_tokens_per_second():
+    ladder = (16, 12, 8, 4)
+    units = lambda j: (30 - j) / 30  # noqa: E731: a draft token's cost, relative
+    # Deep skipping is rarely accepted, light skipping costs nearly a full step: 12 wins.
+    accept = {16: 0.15, 12: 0.85, 8: 0.9, 4: 0.95}
+    choices = play_skip_counts(DraftController(8, skip_counts=ladder, draft_units=units), 200, accept)
+    used = [c.num_skip for c in choices if c.source == MODEL]
+    assert set(used[:6]) == set(ladder)  # every rung tried early
+    late = used[len(used) // 2:]
+    assert late.count(12) > 0.8 * len(late)
+    # When the deepest skip is accepted as often as the rest, it is the cheapest: it wins.
+    choices = play_skip_counts(DraftController(8, skip_counts=ladder, draft_units=units), 200,
+                               dict.fromkeys(ladder, 0.9))
+    late = [c.num_skip for c in choices[100:] if c.source == MODEL]
+    assert late.count(16) > 0.8 * len(late)
+
+
 def test_controller_prefers_a_context_draft_with_high_acceptance():
     controller = DraftController(max_draft_length=8)
     feed(controller, 20, accept_rate=0.5, draft_cost=0.030, verify_cost=0.060)

@@ -80,6 +80,21 @@ def test_other_settings_match_ar(engine, ar_outputs, config):
         assert result.token_ids == ar_outputs[prompt].token_ids
 
 
+def test_adaptive_m_drafts_with_several_skip_counts_and_matches_ar(engine, ar_outputs):
+    """Adaptive M tries each skip count of the ladder (12, 9, 6, 3 for M=12 on shared weights);
+    with it off, every model-drafted token skips exactly M layers. Output equals ar either way."""
+    prompt, chat, limit = PROMPTS[2]
+    ids, params = engine.encode(prompt, chat=chat), SamplingParams(max_new_tokens=limit)
+    base = dict(mode="clasp", num_skip_layers=12, draft_dtype=None, ngram_size=0, replan_interval=4)
+    adaptive = engine.generate(ids, params, ClaspConfig(**base))
+    fixed = engine.generate(ids, params, ClaspConfig(**base, adaptive_skip=False))
+    for result in (adaptive, fixed):
+        assert result.token_ids == ar_outputs[prompt].token_ids
+        assert result.stats.num_model_draft_tokens > 0
+    assert fixed.stats.mean_skipped_layers == 12
+    assert 3 <= adaptive.stats.mean_skipped_layers < 12  # every rung was tried at least once
+
+
 def test_empty_skip_set_accepts_every_draft(engine):
     """The draft with no layers skipped and the same fp32 weights is the full model."""
     # Not adaptive: a draft as costly as the full model never pays, so the controller would stop it.
