@@ -14,6 +14,7 @@ Runs, side by side in one process on the same weights and the same prompt ids:
                     paper's algorithm as published
   clasp_shared_fixed_m  clasp_shared with adaptive M off: every model draft skips M layers
   clasp_m6_loi32/64/128  draft copy (int8 on CPU), M=6 chosen by the DP, re-planned every 32/64/128 rounds
+                    (adaptive M off, so every model draft uses the plan's 6-layer set)
   static            our engine, mode="static" (one fixed skip set)
   (not run by default: static, clasp_shared_fixed_m, clasp_m6_loi*)
   hf_greedy         transformers model.generate(do_sample=False)
@@ -73,9 +74,9 @@ ENGINE_VARIANTS = {
     "clasp_shared": ("clasp", {"draft_dtype": None}),
     "clasp_shared_fixed": ("clasp", {"draft_dtype": None, "draft_exit_threshold": 0.7, **NOT_ADAPTIVE}),
     "clasp_shared_fixed_m": ("clasp", {"draft_dtype": None, "adaptive_skip": False}),
-    "clasp_m6_loi32": ("clasp", {"num_skip_layers": 6, "replan_interval": 32}),
-    "clasp_m6_loi64": ("clasp", {"num_skip_layers": 6, "replan_interval": 64}),
-    "clasp_m6_loi128": ("clasp", {"num_skip_layers": 6, "replan_interval": 128}),
+    "clasp_m6_loi32": ("clasp", {"num_skip_layers": 6, "replan_interval": 32, "adaptive_skip": False}),
+    "clasp_m6_loi64": ("clasp", {"num_skip_layers": 6, "replan_interval": 64, "adaptive_skip": False}),
+    "clasp_m6_loi128": ("clasp", {"num_skip_layers": 6, "replan_interval": 128, "adaptive_skip": False}),
     "static": ("static", {}),
 }
 ENGINE_METHODS = tuple(ENGINE_VARIANTS)
