@@ -9,14 +9,14 @@ Runs, side by side in one process on the same weights and the same prompt ids:
   clasp_torch_draft clasp with the int8 draft run through torch ops (fbgemm) instead of the one-call
                     C++ kernel (clasp/cpu_draft.cpp): a second engine, loaded with fused_draft=False
   clasp_shared      mode="clasp" with the draft on the shared full-precision weights and M = half
-                    the layers: the paper's regime, where the DP does the work (adaptive, adaptive M)
+                    the layers: the paper's regime, where the DP does the work (adaptive)
   clasp_shared_fixed  the same without the controller and with the paper's exit threshold 0.7: the
                     paper's algorithm as published
-  clasp_shared_fixed_m  clasp_shared with adaptive M off: every model draft skips M layers
+  clasp_shared_adaptive_m  clasp_shared with adaptive M (clasp.controller): each round's skip count
+                    chosen among M, 3M/4, M/2, M/4
   clasp_m6_loi32/64/128  draft copy (int8 on CPU), M=6 chosen by the DP, re-planned every 32/64/128 rounds
-                    (adaptive M off, so every model draft uses the plan's 6-layer set)
   static            our engine, mode="static" (one fixed skip set)
-  (not run by default: static, clasp_shared_fixed_m, clasp_m6_loi*)
+  (not run by default: static, clasp_shared_adaptive_m, clasp_m6_loi*)
   hf_greedy         transformers model.generate(do_sample=False)
   hf_prompt_lookup  transformers generate(prompt_lookup_num_tokens=10)
   hf_early_exit     transformers generate(assistant_early_exit=~L/2) (self-speculative early exit)
@@ -72,11 +72,11 @@ ENGINE_VARIANTS = {
     "clasp_fixed": ("clasp", NOT_ADAPTIVE),
     "clasp_torch_draft": ("clasp", {}),  # on the engine loaded with fused_draft=False (TORCH_DRAFT_METHODS)
     "clasp_shared": ("clasp", {"draft_dtype": None}),
+    "clasp_shared_adaptive_m": ("clasp", {"draft_dtype": None, "adaptive_skip": True}),
     "clasp_shared_fixed": ("clasp", {"draft_dtype": None, "draft_exit_threshold": 0.7, **NOT_ADAPTIVE}),
-    "clasp_shared_fixed_m": ("clasp", {"draft_dtype": None, "adaptive_skip": False}),
-    "clasp_m6_loi32": ("clasp", {"num_skip_layers": 6, "replan_interval": 32, "adaptive_skip": False}),
-    "clasp_m6_loi64": ("clasp", {"num_skip_layers": 6, "replan_interval": 64, "adaptive_skip": False}),
-    "clasp_m6_loi128": ("clasp", {"num_skip_layers": 6, "replan_interval": 128, "adaptive_skip": False}),
+    "clasp_m6_loi32": ("clasp", {"num_skip_layers": 6, "replan_interval": 32}),
+    "clasp_m6_loi64": ("clasp", {"num_skip_layers": 6, "replan_interval": 64}),
+    "clasp_m6_loi128": ("clasp", {"num_skip_layers": 6, "replan_interval": 128}),
     "static": ("static", {}),
 }
 ENGINE_METHODS = tuple(ENGINE_VARIANTS)

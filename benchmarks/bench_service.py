@@ -5,7 +5,8 @@ all with server defaults) and runs, one after another for each question:
 
   grpc_ar        the decoder, mode="ar" (plain decoding): the baseline
   grpc_clasp     the decoder, mode="clasp" with the server's defaults (M=0 with the draft copy, int8 on CPU)
-  grpc_clasp_dp  the decoder, mode="clasp", num_skip_layers=6: the DP active, plans made by the planner
+  grpc_clasp_dp  the decoder, mode="clasp", num_skip_layers=6 with adaptive M (skip counts 6, 4, 3, 2, 0):
+                 the DP active, plans made by the planner
   engine_ar      the in-process engine in this driver, mode="ar"
   engine_clasp   the in-process engine in this driver, mode="clasp"
 
@@ -66,7 +67,7 @@ from clients.sdk import ClaspClient, _Collector, build_request  # noqa: E402
 
 DP_SKIP_LAYERS = 6  # M for grpc_clasp_dp: the DP has layers to choose, so the planner does real work
 GRPC_OPTIONS = {"grpc_ar": {"mode": "ar"}, "grpc_clasp": {"mode": "clasp"},
-                "grpc_clasp_dp": {"mode": "clasp", "num_skip_layers": DP_SKIP_LAYERS}}
+                "grpc_clasp_dp": {"mode": "clasp", "num_skip_layers": DP_SKIP_LAYERS, "adaptive_skip": True}}
 ENGINE_MODES = {"engine_ar": "ar", "engine_clasp": "clasp"}
 METHODS = ("grpc_ar", "grpc_clasp", "grpc_clasp_dp", "engine_ar", "engine_clasp")  # run order within a question
 BASELINE = "grpc_ar"  # token ids every method must equal, and the denominator of the gRPC speedups
@@ -469,7 +470,7 @@ def _notes(summary: dict) -> str:
         notes.append("questions whose token ids equal grpc_ar's: " + ", ".join(same))
     dp = overall.get("grpc_clasp_dp")
     if dp and dp.get("tokens_per_s"):
-        notes.append(f"grpc_clasp_dp (M={DP_SKIP_LAYERS}, DP via the planner): {dp['tokens_per_s']:.1f} tok/s, "
+        notes.append(f"grpc_clasp_dp (M={DP_SKIP_LAYERS} with adaptive M, DP via the planner): {dp['tokens_per_s']:.1f} tok/s, "
                      f"{_fmt(overall['ratios']['clasp_dp_vs_ar_grpc'], '.2f', 'x')} vs grpc_ar, mean accepted length "
                      f"{_fmt(dp.get('mean_accepted_length'), '.2f')}, {_fmt(dp.get('plan_versions'), 'd')} plan "
                      f"versions adopted over {dp['num_questions']} questions; the decoder's time on plan "

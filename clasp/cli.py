@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-adaptive", dest="adaptive", action="store_false",
                    help="always draft up to K with the model (default: choose each round's draft source and length "
                         "from measured costs, and decode plainly while drafting does not pay)")
-    g.add_argument("--no-adaptive-skip", dest="adaptive_skip", action="store_false",
-                   help="always draft with M layers skipped (default, with --mode clasp, adaptive and M > 0: choose "
-                        "each round among M, 3M/4, M/2, M/4 and, with a draft copy, 0, by measured tokens per second)")
+    g.add_argument("--adaptive-skip", action="store_true",
+                   help="adaptive M: with --mode clasp, adaptive and M > 0, choose each round's skip count among M, "
+                        "3M/4, M/2, M/4 and, with a draft copy, 0, by measured tokens per second (default: always M)")
     g.add_argument("--ngram-size", type=int, default=DEFAULTS.ngram_size,
                    help="longest context n-gram for prompt-lookup drafts in adaptive mode; 0 disables them")
     g.add_argument("--skip-layers", type=_layer_list, default=None, help="static mode's skip set, e.g. 4,8,12 (0-based)")

@@ -201,8 +201,12 @@ class DraftController:
     def _best_model(self, k_max: int, draft_cost, verify_cost) -> tuple[int, int, float]:
         """(skip count, draft length, expected tokens per second) of the best model draft."""
         best = (self.skip_counts[0], 0, 0.0)
+        several = len(self.skip_counts) > 1
         for j in self.skip_counts:
-            k, rate = self._best_length(self.models[j].cumulative(k_max), draft_cost(j), verify_cost)
+            # With several skip counts, each one's draft length grows with its evidence: an
+            # estimate from a round or two must not buy an 8-token draft at nearly a step each.
+            cap = min(k_max, self.probe_length + self.rounds_by_skip[j]) if several else k_max
+            k, rate = self._best_length(self.models[j].cumulative(cap), draft_cost(j), verify_cost)
             if k and rate > best[2]:
                 best = (j, k, rate)
         return best

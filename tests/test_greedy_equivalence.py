@@ -86,8 +86,8 @@ def test_adaptive_m_drafts_with_several_skip_counts_and_matches_ar(engine, ar_ou
     prompt, chat, limit = PROMPTS[2]
     ids, params = engine.encode(prompt, chat=chat), SamplingParams(max_new_tokens=limit)
     base = dict(mode="clasp", num_skip_layers=12, draft_dtype=None, ngram_size=0, replan_interval=4)
-    adaptive = engine.generate(ids, params, ClaspConfig(**base))
-    fixed = engine.generate(ids, params, ClaspConfig(**base, adaptive_skip=False))
+    adaptive = engine.generate(ids, params, ClaspConfig(**base, adaptive_skip=True))
+    fixed = engine.generate(ids, params, ClaspConfig(**base))
     for result in (adaptive, fixed):
         assert result.token_ids == ar_outputs[prompt].token_ids
         assert result.stats.num_model_draft_tokens > 0
