@@ -176,8 +176,10 @@ def engine_runner(engine: Engine, config: ClaspConfig, method: str,
     def run(prompt_ids: list[int], max_new_tokens: int) -> dict:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                 seed=len(prompt_ids) if temperature > 0 else None)
+        sync(engine.runner.device)
         t0 = time.perf_counter()
         result = engine.generate(prompt_ids, params, mode_config)
+        sync(engine.runner.device)
         seconds = time.perf_counter() - t0
         s = result.stats
         fields = dict(token_ids=list(result.token_ids), seconds=seconds, finish_reason=result.finish_reason)
@@ -199,11 +201,13 @@ def hf_runner(model, eos_ids: list[int], pad_id: int, extra: dict) -> Callable[[
 
     def run(prompt_ids: list[int], max_new_tokens: int) -> dict:
         input_ids = torch.tensor([prompt_ids], device=device)
+        sync(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
                                  pad_token_id=pad_id, **extra)
+        sync(device)
         seconds = time.perf_counter() - t0
         new_ids = out[0, input_ids.shape[1]:].tolist()
         finish = "stop" if new_ids and new_ids[-1] in eos_ids else "length"
@@ -320,6 +324,17 @@ def summarize_rows(rows: list[Row], methods: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------------- environment
+def sync(device: torch.device) -> None:
+    """Wait for queued device work, so that a wall-clock timer measures it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cuda_peak_mib(device: torch.device) -> float | None:
+    """Peak memory torch allocated on a CUDA device (the models live there, not in RSS); None on CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set size (ru_maxrss: KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -423,18 +438,22 @@ def _notes(summary: dict) -> str:
                      f"the full model reads {bound['bytes_per_token'] / 2**20:.0f} MiB of weights per plain step, "
                      f"so a step takes at least {bound['min_ms_per_token']:.1f} ms"
                      + (f"; ar ran at {1000 / ar:.1f} ms/token, {bound['min_ms_per_token'] * ar / 1000:.0%} of that bound"
-                        if ar else ""))
+                        if ar else "")
+                     + ("; on a GPU a model this small is bound by kernel launches, not bytes"
+                        if meta["machine"].get("cuda_device") else ""))
     cfg = meta["config"]
     notes.append(f"config: M={meta['num_skip_layers']} of {meta['num_layers']} layers (shared-weight variants: "
                  f"{meta.get('shared_num_skip_layers')}), K={cfg['max_draft_length']}, exit threshold "
                  f"{cfg['draft_exit_threshold']}, replan every {cfg['replan_interval']} rounds, draft dtype "
                  f"{meta.get('draft_copy_dtype') or 'shared weights'} ({meta.get('draft_copy_mib', 0):.0f} MiB extra), "
-                 f"prepacked verification weights {meta.get('packed_weights_mib', 0):.0f} MiB, n-gram "
+                 f"prepacked verification weights {meta.get('packed_weights_mib', 0):.0f} MiB (from "
+                 f"{meta.get('packed_min_rows', 3)} rows), n-gram "
                  f"size {cfg.get('ngram_size')}; HF early exit at layer {meta['early_exit_layer']}, prompt lookup "
                  f"{PROMPT_LOOKUP_TOKENS} tokens")
     errors = [f"{m}: {t['error']}" for m, t in overall.items() if m in ALL_METHODS and t.get("error")]
     notes += [f"error {e}" for e in errors]
-    notes.append(f"peak RSS {meta['peak_rss_mib']:.0f} MiB (process, both models loaded); "
+    gpu = f", peak CUDA memory allocated {meta['cuda_peak_mib']:.0f} MiB" if meta.get("cuda_peak_mib") else ""
+    notes.append(f"peak RSS {meta['peak_rss_mib']:.0f} MiB (process, both models loaded){gpu}; "
                  f"wall time {meta['wall_seconds']:.0f} s")
     return "\n".join(f"- {n}" for n in notes)
 
@@ -567,10 +586,14 @@ def main(argv: list[str] | None = None) -> int:
     early_exit_layer = args.early_exit_layer or num_layers // 2
     hf_model = load_model(args.model, dtype, device)[0] if any(m in HF_METHODS for m in methods) else None
     torch_draft_engine = None
-    if any(m in TORCH_DRAFT_METHODS for m in methods):
-        if engine.runner.fused_draft is None:
+    if any(m in TORCH_DRAFT_METHODS for m in methods) and engine.runner.fused_draft is None:
+        if args.methods == ",".join(DEFAULT_METHODS):  # a default, not asked for: leave it out
+            methods = [m for m in methods if m not in TORCH_DRAFT_METHODS]
+            print(f"no fused CPU draft here ({device}): leaving out {','.join(TORCH_DRAFT_METHODS)}", file=sys.stderr)
+        else:
             raise SystemExit(f"--methods: {','.join(TORCH_DRAFT_METHODS)} compares against the fused CPU draft, "
                              "which this engine does not use (no AVX-512 VNNI, not CPU, or not an int8 draft)")
+    if any(m in TORCH_DRAFT_METHODS for m in methods):
         torch_draft_engine = Engine.load(args.model, config, device=str(device), dtype=str(dtype).removeprefix("torch."),
                                          fused_draft=False)
     runners = build_runners(methods, engine, config, hf_model, early_exit_layer, args.temperature, torch_draft_engine)
@@ -597,10 +620,10 @@ def main(argv: list[str] | None = None) -> int:
                           "min_ms_per_token": 1000 * bytes_per_token / bandwidth},
             "num_skip_layers": config.skip_count(num_layers, engine.runner.draft_has_copy),
             "early_exit_layer": early_exit_layer, "prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS,
-            "warmup_errors": broken, "peak_rss_mib": peak_rss_mib(),
+            "warmup_errors": broken, "peak_rss_mib": peak_rss_mib(), "cuda_peak_mib": cuda_peak_mib(device),
             "weights_mib": engine.runner.weights.nbytes() / 2**20,
             "draft_copy_mib": (engine.runner.draft_weights.nbytes() / 2**20 if engine.runner.draft_has_copy else 0.0),
-            "packed_weights_mib": engine.runner.packed_nbytes / 2**20,
+            "packed_weights_mib": engine.runner.packed_nbytes / 2**20, "packed_min_rows": engine.runner.packed_min_rows,
             "fused_draft": engine.runner.fused_draft is not None,
             "draft_copy_dtype": (str(config.draft_torch_dtype(engine.runner.device.type)).removeprefix("torch.")
                                  if engine.runner.draft_has_copy else None),

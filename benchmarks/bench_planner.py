@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_engine import DEFAULT_OUT, DEFAULT_QUESTIONS, git_commit, machine_info  # noqa: E402
+from benchmarks.bench_engine import DEFAULT_OUT, DEFAULT_QUESTIONS, git_commit, machine_info, sync  # noqa: E402
 from clasp.config import ClaspConfig  # noqa: E402
 from clasp.decoding import prefill  # noqa: E402
 from clasp.engine import Engine  # noqa: E402
@@ -49,7 +49,7 @@ def time_plan(engine: Engine, ids: list[int], max_skip: int, layers: int, repeat
     runner = engine.runner
     cache = runner.new_cache(len(ids) + 1)
     with torch.inference_mode():
-        _, hidden = prefill(runner, cache, torch.tensor(ids), collect_hidden=True)
+        _, hidden = prefill(runner, cache, torch.tensor(ids, device=runner.device), collect_hidden=True)
         # Plan for the last token: the cache must hold positions before it only.
         cache.truncate(len(ids) - 1)
         times = []
@@ -96,12 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     ids = context_ids(engine, args.questions, contexts[-1])
     cache = runner.new_cache(len(ids) + 1)
     with torch.inference_mode():
-        prefill(runner, cache, torch.tensor(ids[:-1]), collect_hidden=False)
+        prefill(runner, cache, torch.tensor(ids[:-1], device=runner.device), collect_hidden=False)
         steps = []
         for _ in range(args.repeats):
             cache.truncate(len(ids) - 1)
+            token = torch.tensor(ids[-1:], device=runner.device)
+            sync(runner.device)
             t0 = time.perf_counter()
-            runner.forward(torch.tensor(ids[-1:]), cache, len(ids) - 1)
+            runner.forward(token, cache, len(ids) - 1)
+            sync(runner.device)
             steps.append(time.perf_counter() - t0)
     meta = {"timestamp": timestamp.isoformat(timespec="seconds"), "machine": machine_info(runner.device),
             "model": engine.model_name, "dtype": str(runner.dtype).removeprefix("torch."), "git_commit": git_commit(),
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 def render(summary: dict) -> str:
     meta = summary["meta"]
     m = meta["machine"]
-    lines = [f"DP time per plan (median of {meta['repeats']}): {m['processor']} ({m['cpu_count']} CPUs, "
+    lines = [f"DP time per plan (median of {meta['repeats']}): {m.get('cuda_device') or m['processor']} ({m['cpu_count']} CPUs, "
              f"{m['torch_threads']} threads, {m['device']}), {meta['model']} ({meta['num_layers']} layers), "
              f"{meta['dtype']}, commit {meta['git_commit']}, {meta['timestamp']}.", "",
              "| context tokens | layers planned | M | weights | ms per plan |", "|---:|---:|---:|---|---:|"]

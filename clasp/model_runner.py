@@ -97,13 +97,14 @@ class PackedWeight:
     MKL's few-row products slow down sharply past two rows on the dev CPU (all the embedded
     model's matrices: 2 rows 17 ms, 3 rows 25, 6 rows 37, 8 rows 42); oneDNN on prepacked
     weights stays at 20-25 ms from 3 to 8 rows, so verifying a 5-token draft costs about one
-    plain step. 1-2 rows stay on the plain matrix, where MKL is faster (docs/performance.md).
+    plain step. 1-2 rows stay on the plain matrix where MKL is faster there, which depends on the
+    CPU: ModelRunner.pack_weights measures it (calibrate_packed_rows; docs/performance.md).
     """
 
     packed: torch.Tensor  # oneDNN (mkldnn) tensor
     shape: tuple[int, int]  # [out, in]
 
-    MIN_ROWS = 3  # products with fewer rows use the plain matrix
+    MIN_ROWS = 3  # products with fewer rows use the plain matrix, unless calibrate_packed_rows says otherwise
     ROWS_HINT = 8  # the batch size oneDNN lays the weight out for (3-8 rows measured fastest with 8)
 
     @classmethod
@@ -232,6 +233,39 @@ def calibrate_single_row(shape: tuple[int, int], repeats: int = 9) -> bool:
     return _PAD_SINGLE_ROW[shape]
 
 
+def calibrate_packed_rows(plain: Weights, packed: Weights, repeats: int = 5) -> int:
+    """The fewest rows (1, 2 or PackedWeight.MIN_ROWS) from which the packed copy computes the
+    model's products faster than the plain matrices on their few-row path.
+
+    Which kernel wins for one or two rows depends on the CPU. On the dev AMD EPYC, MKL's two-row
+    product streams the weights about as fast as one row (the embedded model's 2-row step 25-28 ms,
+    1 row 22-25) and packing only pays from 3 rows. On an Intel Xeon host of the same VM family
+    MKL's two rows took 58-69 ms against 37-51 packed and 30-40 for one row, so every 1-token
+    verification cost nearly two steps. Timed on the model's own matrices (every layer and the
+    lm_head, so they stream from memory as in decoding), plain and packed alternately, `repeats`
+    pairs; the packed copy must be 15% faster by the median ratio to take over a row count.
+    """
+    pairs = [(getattr(p, m), getattr(q, m)) for p, q in zip(plain.layers, packed.layers) for m in MATRICES]
+    pairs.append((plain.lm_head, packed.lm_head))
+
+    def run(which: int, xs: dict[int, torch.Tensor]) -> float:
+        t0 = time.perf_counter()
+        for pair in pairs:
+            linear(xs[pair[0].shape[1]], pair[which])
+        return time.perf_counter() - t0
+
+    min_rows = PackedWeight.MIN_ROWS
+    with torch.inference_mode():
+        for rows in (2, 1):  # packing that loses at 2 rows loses at 1
+            xs = {w.shape[1]: torch.ones(rows, w.shape[1]) for w, _ in pairs}
+            run(0, xs), run(1, xs)  # first-call costs
+            ratios = sorted(run(1, xs) / run(0, xs) for _ in range(repeats))
+            if not ratios[len(ratios) // 2] < 0.85:
+                break
+            min_rows = rows
+    return min_rows
+
+
 def single_row_choices() -> dict[str, bool]:
     """{"OUTxIN": computed as two rows} for every shape calibrated in this process (for logs)."""
     return {f"{o}x{i}": pad for (o, i), pad in sorted(_PAD_SINGLE_ROW.items())}
@@ -265,6 +299,28 @@ def linear(x: torch.Tensor, w: "torch.Tensor | Int8Weight", bias: torch.Tensor |
     return out if bias is None else out + bias.to(x.dtype)
 
 
+_FP32_LOGITS = {"cuda": True}  # False once torch.mm(out_dtype=) has failed here: then 16-bit logits
+
+
+def head_logits(x: torch.Tensor, head: "torch.Tensor | Int8Weight | PackedWeight") -> torch.Tensor:
+    """fp32 logits [T, vocab] of normed states x.
+
+    On CUDA a 16-bit lm_head accumulates and writes fp32 (torch.mm's out_dtype), at the same weight
+    bytes: 16-bit logits are rounded to 0.06-0.125 at typical magnitudes, which makes exact argmax
+    ties between draft and verification common. Elsewhere, and where this torch lacks that
+    overload, the product is in the weights' dtype and then widened.
+    """
+    if (x.is_cuda and isinstance(head, torch.Tensor) and head.dtype in (torch.float16, torch.bfloat16)
+            and _FP32_LOGITS["cuda"]):
+        try:
+            return torch.mm(x.to(head.dtype), head.T, out_dtype=torch.float32)
+        except (RuntimeError, TypeError) as e:
+            _FP32_LOGITS["cuda"] = False
+            warnings.warn(f"fp32 logits from a {head.dtype} lm_head are not available ({e}); "
+                          f"using {head.dtype} logits", RuntimeWarning, stacklevel=2)
+    return linear(x, head).float()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op instead of seven
@@ -289,6 +345,7 @@ class ModelRunner:
         self.weights = weights
         self.draft_weights = weights  # replaced by set_draft_dtype
         self.multi_row_weights = weights  # for 3+ rows (full_weights); replaced by pack_weights
+        self.packed_min_rows = PackedWeight.MIN_ROWS  # rows from which multi_row_weights is used (calibrated)
         self.fused_draft = None  # clasp.cpu_draft.FusedDraft: one C++ call per draft token (enable_fused_draft)
         self.rotary = rotary  # the model's own rotary module: handles every rope scaling type
         self.device = device
@@ -402,11 +459,12 @@ class ModelRunner:
             raise ValueError("weight packing needs an fp32 model on a CPU with oneDNN (torch.backends.mkldnn)")
         if self.multi_row_weights is self.weights:
             self.multi_row_weights = self.weights.packed()
+            self.packed_min_rows = calibrate_packed_rows(self.weights, self.multi_row_weights)
 
     def full_weights(self, rows: int) -> Weights:
         """The full model's weights for a product of `rows` rows: the prepacked copy from
-        PackedWeight.MIN_ROWS rows on, when there is one."""
-        return self.weights if rows < PackedWeight.MIN_ROWS else self.multi_row_weights
+        packed_min_rows rows on (calibrated at packing; PackedWeight.MIN_ROWS), when there is one."""
+        return self.weights if rows < self.packed_min_rows else self.multi_row_weights
 
     @property
     def packed_nbytes(self) -> int:
@@ -486,7 +544,7 @@ class ModelRunner:
         if last_only:
             x = x[-1:]
         head = weights.lm_head if draft else self.full_weights(x.shape[0]).lm_head
-        return linear(rms_norm(x, weights.final_norm, self.spec.rms_norm_eps), head).float()
+        return head_logits(rms_norm(x, weights.final_norm, self.spec.rms_norm_eps), head)
 
     def _attention_inputs(self, x: torch.Tensor, lw: LayerWeights, cos: torch.Tensor, sin: torch.Tensor):
         """Project x [N, hidden] to rotated q [N, heads, hd] and k, v [N, kv_heads, hd].
@@ -559,9 +617,11 @@ class ModelRunner:
         ctx_k = cache.keys[layer][0, :, :position]  # [kv_heads, P, hd]
         ctx_v = cache.values[layer][0, :, :position]
         scale = 1.0 / math.sqrt(s.head_dim)
-        ctx_scores = torch.einsum("bngd,npd->bngp", q, ctx_k) * scale  # [B, kv_heads, group, P]
-        self_scores = torch.einsum("bngd,bnd->bng", q, k)[..., None] * scale  # [B, kv_heads, group, 1]
-        probs = torch.softmax(torch.cat([ctx_scores, self_scores], dim=-1).float(), dim=-1).to(q.dtype)
+        # Scores in fp32 (no-ops for an fp32 model): bf16 scores would be rounded before the softmax.
+        qf = q.float()
+        ctx_scores = torch.einsum("bngd,npd->bngp", qf, ctx_k.float()) * scale  # [B, kv_heads, group, P]
+        self_scores = torch.einsum("bngd,bnd->bng", qf, k.float())[..., None] * scale  # [B, kv_heads, group, 1]
+        probs = torch.softmax(torch.cat([ctx_scores, self_scores], dim=-1), dim=-1).to(q.dtype)
         attn = torch.einsum("bngp,npd->bngd", probs[..., :position], ctx_v) + probs[..., position:] * v[:, :, None]
         return self._mlp_block(states, attn.reshape(b, -1), lw)
 

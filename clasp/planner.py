@@ -64,7 +64,11 @@ def _run_dp(hidden: torch.Tensor, max_skip: int, apply_layer) -> tuple[list[torc
         g.append(torch.where(choose_skip[:, None], skip_states, keep_states))
         skipped_rows.append(choose_skip)
     width = g[-1].shape[0]
-    decisions = [row.tolist() for row in skipped_rows]  # the plan's one host sync
+    flat = torch.cat(skipped_rows).tolist()  # the plan's one host sync (one copy, not one per layer)
+    decisions, at = [], 0
+    for row in skipped_rows:
+        decisions.append(flat[at:at + row.shape[0]])
+        at += row.shape[0]
     sets = []
     for j_final in range(width):
         j, layers = j_final, set()
@@ -83,6 +87,8 @@ def plan_layers(runner: ModelRunner, cache: KVCache, hidden: torch.Tensor, posit
     hidden: [L+1, hidden] states h_0..h_L of the token at `position` from the full model;
     cache must hold the full model's KV for positions < position. Returns the plan and g.
     """
+    if hidden.is_cuda:  # work queued before the plan (a prefill) must not count as DP time
+        torch.cuda.synchronize(hidden.device)
     started = time.perf_counter()
     with torch.inference_mode():
         g, sets = _run_dp(hidden, max_skip,

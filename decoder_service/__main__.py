@@ -94,7 +94,8 @@ async def serve(args: argparse.Namespace) -> None:
     await loop.run_in_executor(torch_thread, servicer.warm_up)
     await set_serving(health, [SERVICE], True)
     log.info("serving", model=engine.identity, redis=bool(bus), fused_draft=engine.runner.fused_draft is not None,
-             packed_weights_mib=engine.runner.packed_nbytes >> 20, single_row_as_two=single_row_choices())
+             packed_weights_mib=engine.runner.packed_nbytes >> 20,
+             packed_from_rows=engine.runner.packed_min_rows, single_row_as_two=single_row_choices())
 
     await wait_for_stop_signal()
     log.info("draining", grace_period_s=args.grace_period_s, in_flight=servicer.in_flight())

@@ -41,6 +41,20 @@ def test_packed_weights_give_the_same_logits():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_weights_serve_one_and_two_rows_where_calibration_picks_them():
+    """Which kernel is faster for 1-2 rows is measured per CPU at packing; whichever it picks, the
+    packed path must compute the same logits for every row count."""
+    runner = tiny_llama()
+    ids = torch.arange(10, 30)
+    plain = [runner.forward(ids[:n], runner.new_cache(64), 0) for n in (1, 2)]
+    runner.pack_weights()
+    assert runner.packed_min_rows in (1, 2, 3)
+    runner.packed_min_rows = 1
+    assert runner.full_weights(1) is runner.multi_row_weights
+    for n, a in zip((1, 2), plain):
+        torch.testing.assert_close(runner.forward(ids[:n], runner.new_cache(64), 0), a, rtol=1e-5, atol=1e-5)
+
+
 def test_packing_refuses_non_fp32():
     with pytest.raises(ValueError, match="fp32"):
         tiny_llama(torch.bfloat16).pack_weights()
