@@ -29,18 +29,24 @@ def test_verify_cost_fits_a_line():
     assert abs(v1 - 0.060) < 1e-9 and abs(slope - 0.002) < 1e-9
 
 
-def feed(controller: DraftController, rounds: int, accept_rate: float, draft_cost: float, verify_cost: float):
-    """Play rounds where each model-drafted token is accepted with a fixed pattern of rate accept_rate."""
+def play(controller: DraftController, rounds: int, rate_of, token_cost_of, verify_cost: float):
+    """Play rounds where each model-drafted token of a round's choice is accepted with a fixed
+    pattern of rate rate_of(choice) and costs token_cost_of(choice) seconds. Returns the choices."""
     choices = []
     for r in range(rounds):
         choice = controller.choose(budget=8)
         choices.append(choice)
         drafted = choice.num_draft if choice.source == MODEL else 0
         tau = 0
-        while tau < drafted and ((r * 7 + tau * 3) % 100) < accept_rate * 100:
+        while tau < drafted and ((r * 7 + tau * 3) % 100) < rate_of(choice) * 100:
             tau += 1
-        controller.observe(choice, drafted, tau, drafted * draft_cost, verify_cost + 0.001 * drafted)
+        controller.observe(choice, drafted, tau, drafted * token_cost_of(choice), verify_cost + 0.001 * drafted)
     return choices
+
+
+def feed(controller: DraftController, rounds: int, accept_rate: float, draft_cost: float, verify_cost: float):
+    """Rounds where every model-drafted token is accepted at accept_rate and costs draft_cost."""
+    return play(controller, rounds, lambda c: accept_rate, lambda c: draft_cost, verify_cost)
 
 
 def test_controller_stops_a_draft_that_does_not_pay_and_probes_it_again():
@@ -66,17 +72,7 @@ def test_controller_keeps_drafting_when_it_pays():
 def play_skip_counts(controller: DraftController, rounds: int, accept: dict[int, float], step: float = 0.060):
     """Rounds where a draft skipping j layers costs (30 - j) / 30 of a step per token and each of its
     tokens is accepted with probability accept[j] (deterministic pattern). Returns the choices."""
-    choices = []
-    for r in range(rounds):
-        choice = controller.choose(budget=8)
-        choices.append(choice)
-        drafted = choice.num_draft if choice.source == MODEL else 0
-        tau = 0
-        while tau < drafted and ((r * 7 + tau * 3) % 100) < accept[choice.num_skip] * 100:
-            tau += 1
-        draft_seconds = drafted * step * (30 - (choice.num_skip or 0)) / 30
-        controller.observe(choice, drafted, tau, draft_seconds, step + 0.001 * drafted)
-    return choices
+    return play(controller, rounds, lambda c: accept[c.num_skip], lambda c: step * (30 - (c.num_skip or 0)) / 30, step)
 
 
 def test_adaptive_m_settles_on_the_skip_count_with_most_tokens_per_second():
