@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-draft-length", type=int, default=DEFAULTS.max_draft_length, help="K, tokens drafted per round at most")
     g.add_argument("--draft-exit-threshold", type=float, default=DEFAULTS.draft_exit_threshold,
                    help="stop drafting when the draft's top probability falls below this")
-    g.add_argument("--replan-interval", type=int, default=DEFAULTS.replan_interval, help="LOI: re-run the DP every N verification rounds")
+    g.add_argument("--replan-interval", type=int, default=DEFAULTS.replan_interval, help="LOI: re-run the DP every N rounds that draft with the model (plain and n-gram rounds do not count)")
     g.add_argument("--no-adaptive", dest="adaptive", action="store_false",
                    help="always draft up to K with the model (default: choose each round's draft source and length "
                         "from measured costs, and decode plainly while drafting does not pay)")

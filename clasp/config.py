@@ -41,7 +41,7 @@ class ClaspConfig:
     # Stop drafting when the draft's top probability falls below this. With the 5 ms fused int8
     # draft (2 per category, one run each): 0.6 1.55x, 0.4 1.62x, 0.25 1.77x, 0.1 1.77x over ar.
     draft_exit_threshold: float = 0.25
-    replan_interval: int = 32  # LOI, in verification rounds
+    replan_interval: int = 32  # LOI, in rounds that draft with the model (a plan serves only those)
     static_skip_set: tuple[int, ...] | None = None  # static mode; None -> evenly spread middle layers
     draft_dtype: str | None = "auto"  # weights of the draft copy (DRAFT_DTYPES); None -> share the full weights
     # Choose each round's draft source and length from measured acceptance and costs, and stop

@@ -119,10 +119,11 @@ class VerifyCost:
 class DraftController:
     def __init__(self, max_draft_length: int, decay: float = 0.9, model_prior: float = 0.6,
                  ngram_prior: float = 0.5, prior_weight: float = 1.0, min_backoff: int = 8,
-                 max_backoff: int = 64, fixed_costs: tuple[float, float, float] | None = None,
+                 max_backoff: int = 64, fixed_costs: tuple[float, float, float, float] | None = None,
                  skip_counts: Sequence[int] = (0,), draft_units: Callable[[int], float] | None = None,
                  probe_every: int = 16, probe_length: int = 3) -> None:
-        """fixed_costs: (draft cost per unit, v1, slope per extra row) to use instead of measuring.
+        """fixed_costs: (draft cost per unit, v1, the first extra row, each further row) to use instead of
+        measuring: verifying r rows costs v1, plus the first extra row's cost and (r - 2) slopes when r > 1.
         skip_counts: the layer-skip drafts to choose from, by layers skipped; the first runs first.
         draft_units: the relative cost of a draft token with j layers skipped (default: 1 for every j)."""
         if not skip_counts:
@@ -179,8 +180,8 @@ class DraftController:
         # The model draft does not pay now: probe it again after the back-off.
         self.plain_streak += 1
         if self.plain_streak >= self.backoff:
-            self.probing = True
-            return RoundChoice(MODEL, k_max, num_skip=j)
+            self.probing = True  # a short draft: a full-length probe of a draft that lost cost 4-5 steps
+            return RoundChoice(MODEL, min(k_max, self.probe_length), num_skip=j)
         return best
 
     def _neighbour(self, j: int) -> int:
@@ -194,8 +195,9 @@ class DraftController:
     def _costs(self):
         """(draft seconds per token as a function of the skip count, verify seconds as a function of rows)."""
         if self.fixed_costs is not None:
-            unit_cost, v1, slope = self.fixed_costs
-            return (lambda j: unit_cost * self.units(j)), (lambda rows: v1 + slope * (rows - 1))
+            unit_cost, v1, first_row, slope = self.fixed_costs
+            return (lambda j: unit_cost * self.units(j)), (lambda rows: v1 + (first_row + slope * (rows - 2)
+                                                                             if rows > 1 else 0.0))
         return (lambda j: self.unit_cost * self.units(j)), self.verify.cost
 
     def _best_model(self, k_max: int, draft_cost, verify_cost) -> tuple[int, int, float]:

@@ -317,6 +317,9 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
         fixed = byte_costs(runner) if params.seed is not None and not params.greedy else None
         controller = DraftController(config.max_draft_length, fixed_costs=fixed, skip_counts=skip_counts,
                                      draft_units={j: draft_token_bytes(runner, j) for j in skip_counts}.__getitem__)
+    # LOI counts the rounds that draft with the model: a plan serves only them, so while the
+    # controller decodes plainly or drafts from the context, no DP runs and no hidden states move.
+    model_rounds_since_plan = 0
     ngrams = None
     if speculative and config.adaptive and config.ngram_size:
         ngrams = NgramIndex(config.ngram_size)
@@ -328,7 +331,10 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
             choice = controller.choose(budget, ngrams.lookup(budget) if ngrams is not None and budget > 0 else None)
         else:
             choice = RoundChoice(MODEL if budget > 0 else PLAIN, budget)
-        replan = dynamic and (stats.num_rounds + 1) % config.replan_interval == 0
+        replan = False
+        if dynamic and choice.source == MODEL:
+            model_rounds_since_plan += 1
+            replan = model_rounds_since_plan >= config.replan_interval
         round_skips = skip_set if choice.num_skip in (None, num_skip) else skip_sets.get(choice.num_skip)
         new_ids, result = self_speculative_step(runner, cache, token_id, position, round_skips, choice, config,
                                                 params, generator, stats, collect_hidden=replan)
@@ -345,6 +351,7 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
             if replan and out.finish_reason is None:  # a finished request has nothing left to plan for
                 context = (prompt_ids + out.token_ids)[:result.hidden_position + 1]
                 exchange.submit(PlanInput(stats.num_rounds, result.hidden, result.hidden_position, context, num_skip))
+                model_rounds_since_plan = 0
             skip_set = _poll(exchange, skip_set, num_skip, stats.num_rounds, plans, stats, skip_sets)
             stats.plan_io_seconds += time.perf_counter() - t_plan
     chunk.result = GenerationResult(out.text, out.token_ids, out.finish_reason, len(prompt_ids), stats, plans,
@@ -365,13 +372,17 @@ def draft_token_bytes(runner: ModelRunner, num_skip: int) -> float:
     return float(draft.layer_nbytes() * (runner.spec.num_layers - num_skip) + nbytes(draft.lm_head))
 
 
-def byte_costs(runner: ModelRunner) -> tuple[float, float, float]:
-    """(draft cost per weight byte, plain step, extra verify row) in units of a plain step, from
-    the weight bytes each reads (draft_token_bytes gives a draft token's bytes). An extra
-    verified row costs ~1% of a step on a GPU; on the dev CPU ~7% with prepacked weights (1 row
-    24 ms, 8 rows 37 ms) and ~15% without (8 rows 59 ms)."""
-    row_cost = 0.01 if runner.device.type == "cuda" else 0.07 if runner.packed_nbytes else 0.15
-    return 1.0 / runner.weights.nbytes(), 1.0, row_cost
+def byte_costs(runner: ModelRunner) -> tuple[float, float, float, float]:
+    """(draft cost per weight byte, plain step, first extra verify row, each further row) in units of
+    a plain step, from the weight bytes each reads (draft_token_bytes gives a draft token's bytes).
+    An extra verified row costs ~1% of a step on a GPU. On CPU the first one costs more than the
+    rest, since a plain step has a one-row kernel of its own: with prepacked weights 1 / 2 / 8 rows
+    took 22-25 / 25-28 / 37 ms on the AMD EPYC dev host, and 34-37 / 38-45 / 55 ms on an Intel
+    Xeon host, where a 1-token verification in a long context cost ~1.25 plain steps. Without
+    packing 8 rows took 59 ms on the EPYC."""
+    if runner.device.type == "cuda":
+        return 1.0 / runner.weights.nbytes(), 1.0, 0.01, 0.01
+    return 1.0 / runner.weights.nbytes(), 1.0, 0.2, 0.07 if runner.packed_nbytes else 0.15
 
 
 class SkipSets:
