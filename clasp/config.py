@@ -18,6 +18,19 @@ PACK_WEIGHTS_HELP = ("keep a oneDNN-prepacked copy of fp32 CPU weights for produ
                      "prefill, DP): 5-row verification 45 -> 30 ms on the dev CPU, for the weights' bytes again "
                      "in memory; auto: on where available and it fits in a quarter of RAM")
 
+# Upper bounds on what one request may ask for: each sizes memory or work per round, so an
+# unbounded value lets one request take the process (max_draft_length 1e8 took 2.2 GB more).
+MAX_DRAFT_LENGTH = 64
+MAX_REPLAN_INTERVAL = 1 << 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256  # characters per stop string
+MAX_TOP_K = 1 << 20
+# Temperatures below this decode greedily: dividing fp32 logits by ~1e-38 overflows to inf and
+# the softmax to NaN, and at 1e-5 sampling already is the argmax (vLLM's _SAMPLING_EPS).
+MIN_SAMPLING_TEMPERATURE = 1e-5
+MAX_SAMPLING_TEMPERATURE = 1e4
+PREFILL_CHUNK_TOKENS = 512
+
 FUSED_DRAFT = {"auto": None, "on": True, "off": False}  # command-line spelling of Engine.load's fused_draft
 FUSED_DRAFT_HELP = ("run each int8 CPU draft token as one C++ call (clasp/cpu_draft.cpp, AVX-512 VNNI products): "
                     "12 -> 5 ms per draft token on the dev CPU; compiled once into the cache directory (make setup); "
@@ -54,6 +67,9 @@ class ClaspConfig:
     # found; with an int8 copy and M=6 through the services it gave 1.17x gRPC ar (fixed: 1.05x).
     adaptive_skip: bool = False
     ngram_size: int = 3  # longest context n-gram looked up for prompt-lookup drafts; 0 disables them
+    # The prompt is run in pieces of at most this many tokens, and the stream yields (an empty
+    # chunk) between pieces, so one long prompt holds a shared torch thread for one piece at a time.
+    prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -63,12 +79,14 @@ class ClaspConfig:
         for name in ("shared_draft_skip_ratio", "copied_draft_skip_ratio"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.max_draft_length < 1:
-            raise ValueError(f"max_draft_length must be >= 1, got {self.max_draft_length}")
+        if not 1 <= self.max_draft_length <= MAX_DRAFT_LENGTH:
+            raise ValueError(f"max_draft_length must be in [1, {MAX_DRAFT_LENGTH}], got {self.max_draft_length}")
         if not 0.0 <= self.draft_exit_threshold <= 1.0:
             raise ValueError(f"draft_exit_threshold must be in [0, 1], got {self.draft_exit_threshold}")
-        if self.replan_interval < 1:
-            raise ValueError(f"replan_interval must be >= 1, got {self.replan_interval}")
+        if not 1 <= self.replan_interval <= MAX_REPLAN_INTERVAL:
+            raise ValueError(f"replan_interval must be in [1, {MAX_REPLAN_INTERVAL}], got {self.replan_interval}")
+        if self.prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
         if not 0 <= self.ngram_size <= 16 or self.ngram_size == 1:
             raise ValueError(f"ngram_size must be 0 (off) or in [2, 16], got {self.ngram_size}")
         if self.draft_dtype not in DRAFT_DTYPES:
@@ -125,16 +143,22 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.top_p):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not math.isfinite(self.temperature) or not 0 <= self.temperature <= MAX_SAMPLING_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_SAMPLING_TEMPERATURE:g}], got {self.temperature}")
+        if self.temperature < MIN_SAMPLING_TEMPERATURE:
+            self.temperature = 0.0
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be in [0, {MAX_TOP_K}], got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        if any(not isinstance(s, str) or not s or len(s) > MAX_STOP_LENGTH for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings of at most {MAX_STOP_LENGTH} characters")
         self.stop = tuple(self.stop)
 
     @property

@@ -90,6 +90,20 @@ def prefill(runner: ModelRunner, cache: KVCache, prompt_ids: torch.Tensor, colle
     return logits, (torch.stack([h[-1] for h in hidden]) if collect_hidden else None)
 
 
+def chunked_prefill(runner: ModelRunner, cache: KVCache, prompt_ids: torch.Tensor, collect_hidden: bool,
+                    chunk_tokens: int) -> Iterator[Chunk]:
+    """prefill in pieces of at most chunk_tokens, yielding an empty Chunk between pieces (so a
+    caller sharing one torch thread can run other requests' rounds); returns prefill's result."""
+    start = 0
+    while len(prompt_ids) - start > chunk_tokens:
+        runner.forward(prompt_ids[start:start + chunk_tokens], cache, start, last_only=True)
+        start += chunk_tokens
+        yield Chunk([], "")
+    hidden = [] if collect_hidden else None
+    logits = runner.forward(prompt_ids[start:], cache, start, last_only=True, hidden_states=hidden)
+    return logits, (torch.stack([h[-1] for h in hidden]) if collect_hidden else None)
+
+
 def select_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """The full model's choice from logits [1, vocab]."""
     if params.greedy:
@@ -269,7 +283,8 @@ def _check_prompt(prompt_ids: list[int], spec) -> None:
 def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: SamplingParams, config: ClaspConfig,
              eos_ids: frozenset[int], initial_plan: LayerPlan | None = None,
              plan_exchange: PlanExchange | None = None) -> Iterator[Chunk]:
-    """Decode from prompt_ids; yields one Chunk per round, the last one with the result.
+    """Decode from prompt_ids; yields one Chunk per round, the last one with the result (and empty
+    Chunks between the pieces of a long prompt's prefill, see ClaspConfig.prefill_chunk_tokens).
 
     initial_plan (e.g. from an earlier turn of the conversation) is used from the start.
     plan_exchange: where re-plan requests go and new plans come from, without waiting
@@ -294,8 +309,8 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
     exchange = plan_exchange or LocalPlanner(runner, cache)
     out = _Output(tokenizer, params, eos_ids, max_new)
 
-    logits, hidden = prefill(runner, cache, torch.tensor(prompt_ids, device=runner.device),
-                             collect_hidden=dynamic and initial_plan is None)
+    logits, hidden = yield from chunked_prefill(runner, cache, torch.tensor(prompt_ids, device=runner.device),
+                                                dynamic and initial_plan is None, config.prefill_chunk_tokens)
     skip_set = config.static_skips(spec.num_layers, draft_has_copy) if speculative else frozenset()
     skip_sets = SkipSets(skip_set, config, spec.num_layers, draft_has_copy)
     if dynamic:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 from typing import Protocol
 
 import torch
@@ -29,12 +30,25 @@ PLAN_NOTIFY_CHANNEL = "clasp:plans"
 PLANNER_GROUP = "planners"
 
 
+# Session and request ids name Redis keys and log lines: letters, digits and . _ - only, so no
+# id can shape a key ({, }, :, * and spaces did: clasp:{x}:plan}:plan).
+MAX_ID_LENGTH = 128
+_ID = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_id(name: str, value: str) -> str:
+    """value, or ValueError naming the field if it is not a valid (non-empty) id."""
+    if not value or len(value) > MAX_ID_LENGTH or not _ID.fullmatch(value):
+        raise ValueError(f"{name} must be 1 to {MAX_ID_LENGTH} characters of A-Z a-z 0-9 . _ -")
+    return value
+
+
 def plan_key(session_id: str) -> str:
-    return f"clasp:{{{session_id}}}:plan"
+    return f"clasp:{{{check_id('session_id', session_id)}}}:plan"
 
 
 def plan_version_key(session_id: str) -> str:
-    return f"clasp:{{{session_id}}}:plan-version"
+    return f"clasp:{{{check_id('session_id', session_id)}}}:plan-version"
 
 
 @dataclasses.dataclass
@@ -119,6 +133,10 @@ class SessionContexts:
                              f"{request.position + 1}")
         if not 0 <= request.max_skip < spec.num_layers:
             raise ValueError(f"max_skip must be in [0, {spec.num_layers}), got {request.max_skip}")
+        if not request.hidden.is_floating_point() or not bool(torch.isfinite(request.hidden).all()):
+            raise ValueError("hidden states must be finite floating-point values")
+        if request.token_ids and not 0 <= min(request.token_ids) <= max(request.token_ids) < spec.vocab_size:
+            raise ValueError(f"token_ids must be in [0, {spec.vocab_size})")
         context = self._context_for(session_id, request.position + 1)
         self._extend(context, request.token_ids[:request.position])
         hidden = request.hidden.to(device=self.runner.device, dtype=self.runner.dtype)

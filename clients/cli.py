@@ -3,6 +3,8 @@
   python clients/cli.py "Why is the sky blue?"
   echo "Write a haiku" | python clients/cli.py --temperature 0.8 --seed 1
   python clients/cli.py --session chat-1 "And in French?" --json
+
+A decoder that requires a bearer token reads it from CLASP_AUTH_TOKEN_FILE or CLASP_AUTH_TOKEN.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a sc
 
 import grpc  # noqa: E402
 
-from clients.sdk import MODES, ClaspClient  # noqa: E402
+from clients.sdk import MODES, ClaspClient, token_from_env  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                    replan_interval=args.replan_interval, num_skip_layers=args.num_skip_layers,
                    max_draft_length=args.max_draft_length)
     try:
-        with ClaspClient(args.target) as client:
+        with ClaspClient(args.target, token=token_from_env()) as client:
             if args.wait_s:
                 client.wait_ready(args.wait_s)
             on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))

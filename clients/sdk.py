@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import secrets
 import time
 from typing import AsyncIterator, Iterator, Sequence
 
@@ -62,6 +64,45 @@ def build_request(prompt: str | None = None, messages: Sequence[dict] | None = N
     return req
 
 
+def _metadata(token: str | None) -> tuple | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def token_from_env() -> str | None:
+    """The bearer token from CLASP_AUTH_TOKEN_FILE (first token in it) or CLASP_AUTH_TOKEN."""
+    path = os.environ.get("CLASP_AUTH_TOKEN_FILE")
+    if path:
+        for line in open(path).read().splitlines():
+            if line.strip() and not line.startswith("#"):
+                return line.strip().rpartition(":")[2].strip()
+    return os.environ.get("CLASP_AUTH_TOKEN") or None
+
+
+class _Secrets:
+    """Each stream gets a random abort_secret; Abort of one of this client's requests sends it back."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, str] = {}
+
+    def arm(self, request: pb.GenerateRequest) -> pb.GenerateRequest:
+        if request.abort_secret:
+            return request
+        armed = pb.GenerateRequest()
+        armed.CopyFrom(request)
+        armed.abort_secret = secrets.token_urlsafe(24)
+        if armed.request_id:  # abortable while still queued, before any message arrives
+            self.by_id[armed.request_id] = armed.abort_secret
+        return armed
+
+    def seen(self, request: pb.GenerateRequest, message: pb.GenerateResponse) -> None:
+        if message.request_id and message.request_id not in self.by_id:
+            self.by_id[message.request_id] = request.abort_secret
+
+    def drop(self, request: pb.GenerateRequest) -> None:
+        for request_id in [k for k, v in self.by_id.items() if v == request.abort_secret]:
+            del self.by_id[request_id]
+
+
 def _finish_name(value: int) -> str:
     return pb.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
 
@@ -89,11 +130,15 @@ class _Collector:
 class ClaspClient:
     """Blocking client. Use as a context manager, or call close()."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", retries: int = 2, retry_backoff_s: float = 0.2) -> None:
+    def __init__(self, target: str = "127.0.0.1:50051", retries: int = 2, retry_backoff_s: float = 0.2,
+                 token: str | None = None) -> None:
+        """token: the decoder's bearer token, if it requires one."""
         self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.DecoderStub(self.channel)
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
+        self.metadata = _metadata(token)
+        self.secrets = _Secrets()
 
     def __enter__(self) -> "ClaspClient":
         return self
@@ -121,17 +166,23 @@ class ClaspClient:
 
     def stream(self, request: pb.GenerateRequest, timeout_s: float | None = None) -> Iterator[pb.GenerateResponse]:
         """Stream the raw responses; the last one carries finish_reason and stats."""
-        for attempt in range(self.retries + 1):
-            received = False
-            try:
-                for message in self.stub.Generate(request, timeout=timeout_s):
-                    received = True
-                    yield message
-                return
-            except grpc.RpcError as e:
-                if received or e.code() not in RETRYABLE or attempt == self.retries:
-                    raise
-                time.sleep(self.retry_backoff_s * 2 ** attempt)
+        request = self.secrets.arm(request)
+        try:
+            for attempt in range(self.retries + 1):
+                received = False
+                try:
+                    for message in self.stub.Generate(request, timeout=timeout_s, metadata=self.metadata):
+                        if not received:
+                            self.secrets.seen(request, message)
+                        received = True
+                        yield message
+                    return
+                except grpc.RpcError as e:
+                    if received or e.code() not in RETRYABLE or attempt == self.retries:
+                        raise
+                    time.sleep(self.retry_backoff_s * 2 ** attempt)
+        finally:
+            self.secrets.drop(request)
 
     def generate(self, prompt: str | None = None, messages: Sequence[dict] | None = None, *,
                  timeout_s: float | None = None, on_text=None, **options) -> Completion:
@@ -142,18 +193,24 @@ class ClaspClient:
                 on_text(message.text)
         return collector.completion()
 
-    def abort(self, request_id: str) -> bool:
-        return self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=5.0).found
+    def abort(self, request_id: str, abort_secret: str | None = None) -> bool:
+        """Stop one of this client's requests (or any request whose abort_secret is given)."""
+        secret = abort_secret if abort_secret is not None else self.secrets.by_id.get(request_id, "")
+        return self.stub.Abort(pb.AbortRequest(request_id=request_id, abort_secret=secret), timeout=5.0,
+                               metadata=self.metadata).found
 
 
 class AsyncClaspClient:
     """asyncio client. Use as an async context manager, or await close()."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", retries: int = 2, retry_backoff_s: float = 0.2) -> None:
+    def __init__(self, target: str = "127.0.0.1:50051", retries: int = 2, retry_backoff_s: float = 0.2,
+                 token: str | None = None) -> None:
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = pb_grpc.DecoderStub(self.channel)
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
+        self.metadata = _metadata(token)
+        self.secrets = _Secrets()
 
     async def __aenter__(self) -> "AsyncClaspClient":
         return self
@@ -166,17 +223,23 @@ class AsyncClaspClient:
 
     async def stream(self, request: pb.GenerateRequest,
                      timeout_s: float | None = None) -> AsyncIterator[pb.GenerateResponse]:
-        for attempt in range(self.retries + 1):
-            received = False
-            try:
-                async for message in self.stub.Generate(request, timeout=timeout_s):
-                    received = True
-                    yield message
-                return
-            except grpc.aio.AioRpcError as e:
-                if received or e.code() not in RETRYABLE or attempt == self.retries:
-                    raise
-                await asyncio.sleep(self.retry_backoff_s * 2 ** attempt)
+        request = self.secrets.arm(request)
+        try:
+            for attempt in range(self.retries + 1):
+                received = False
+                try:
+                    async for message in self.stub.Generate(request, timeout=timeout_s, metadata=self.metadata):
+                        if not received:
+                            self.secrets.seen(request, message)
+                        received = True
+                        yield message
+                    return
+                except grpc.aio.AioRpcError as e:
+                    if received or e.code() not in RETRYABLE or attempt == self.retries:
+                        raise
+                    await asyncio.sleep(self.retry_backoff_s * 2 ** attempt)
+        finally:
+            self.secrets.drop(request)
 
     async def generate(self, prompt: str | None = None, messages: Sequence[dict] | None = None, *,
                        timeout_s: float | None = None, **options) -> Completion:
@@ -185,5 +248,7 @@ class AsyncClaspClient:
             collector.add(message)
         return collector.completion()
 
-    async def abort(self, request_id: str) -> bool:
-        return (await self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=5.0)).found
+    async def abort(self, request_id: str, abort_secret: str | None = None) -> bool:
+        secret = abort_secret if abort_secret is not None else self.secrets.by_id.get(request_id, "")
+        return (await self.stub.Abort(pb.AbortRequest(request_id=request_id, abort_secret=secret), timeout=5.0,
+                                      metadata=self.metadata)).found

@@ -18,6 +18,7 @@ from decoder_service.service_common import (ErrorInterceptor, add_health_and_ref
                                             run_service, set_serving, torch_executor, wait_for_stop_signal)
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.plan_bus import PlanBus
+from decoder_service.security import GuardInterceptor, add_security_flags, auth_from_env
 from decoder_service.server import DecoderServicer
 
 SERVICE = clasp_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
@@ -61,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-dtype", default=env("DRAFT_DTYPE", d.draft_dtype),
                    choices=DRAFT_DTYPE_CHOICES,
                    help="draft weight copy dtype, 'none' to share [CLASP_DRAFT_DTYPE]")
+    p.add_argument("--max-prompt-tokens", type=int, default=int(env("MAX_PROMPT_TOKENS", 4096)),
+                   help="longest prompt accepted, in tokens (at most the context window) [CLASP_MAX_PROMPT_TOKENS]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[CLASP_LOG_LEVEL]")
+    add_security_flags(p, env)
     return p
 
 
@@ -70,15 +74,18 @@ async def serve(args: argparse.Namespace) -> None:
     metrics = DecoderMetrics(registry)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host, registry=registry)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
-    health = add_health_and_reflection(server, [SERVICE])
+    auth = auth_from_env(args.auth_token_file)
+    server = grpc.aio.server(interceptors=[GuardInterceptor(auth), ErrorInterceptor()])
+    health = add_health_and_reflection(server, [SERVICE], args.reflection)
     torch_thread = torch_executor()
-    servicer = DecoderServicer(metrics, args.max_concurrent, args.max_queue, args.max_new_tokens, torch_thread)
+    servicer = DecoderServicer(metrics, args.max_concurrent, args.max_queue, args.max_new_tokens, torch_thread,
+                               args.max_prompt_tokens, auth)
     pb_grpc.add_DecoderServicer_to_server(servicer, server)
     await set_serving(health, [SERVICE], False)
     bound = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
-    log.info("listening; loading model", port=bound, model=args.model or "embedded")
+    log.info("listening; loading model", port=bound, model=args.model or "embedded", auth=auth is not None,
+             reflection=args.reflection)
 
     config = ClaspConfig(mode=args.mode, num_skip_layers=None if args.num_skip_layers is None else int(args.num_skip_layers),
                          replan_interval=args.replan_interval, max_draft_length=args.max_draft_length,
@@ -102,11 +109,8 @@ async def serve(args: argparse.Namespace) -> None:
     # Health turns NOT_SERVING and new streams get UNAVAILABLE, while the server still answers
     # probes; in-flight streams get the grace period to finish, then the rest are cancelled.
     await set_serving(health, [SERVICE], False)
-    servicer.draining = True
-    deadline = loop.time() + args.grace_period_s
-    while servicer.in_flight() and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    await server.stop(max(deadline - loop.time(), 0.0))
+    await servicer.drain(args.grace_period_s)  # then what is left ends FINISH_REASON_ABORTED
+    await server.stop(1.0)
     if bus is not None:
         bus.stop()
     log.info("stopped")

@@ -8,13 +8,19 @@ import uuid
 from clasp.config import ClaspConfig, SamplingParams
 from clasp.decoding import GenerationResult
 from clasp.engine import Engine
+from clasp.plan_exchange import check_id
 from clasp_serve.v1 import clasp_pb2 as pb
 
 MODES = {pb.SPECULATION_MODE_AR: "ar", pb.SPECULATION_MODE_CLASP: "clasp", pb.SPECULATION_MODE_STATIC: "static"}
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
           "stop_string": pb.FINISH_REASON_STOP_STRING, "cancelled": pb.FINISH_REASON_CANCELLED,
           "aborted": pb.FINISH_REASON_ABORTED}
-MAX_ID_LENGTH = 128
+ROLES = ("system", "user", "assistant")  # anything else would put template text in the role
+MAX_CHAT_MESSAGES = 1024
+# Text is bounded before it is tokenized (on the event loop): at most this many characters per
+# token the prompt may have; real text runs 3-5 characters per token.
+MAX_CHARS_PER_TOKEN = 32
+MAX_SECRET_LENGTH = 128
 
 
 @dataclasses.dataclass
@@ -24,6 +30,7 @@ class DecodeRequest:
     prompt_ids: list[int]
     params: SamplingParams
     config: ClaspConfig
+    abort_secret: str = ""
 
 
 def _field(name: str, fn):
@@ -34,25 +41,35 @@ def _field(name: str, fn):
 
 
 def _check_id(name: str, value: str) -> str:
-    if len(value) > MAX_ID_LENGTH or any(c.isspace() or not c.isprintable() for c in value):
-        raise ValueError(f"{name} must be at most {MAX_ID_LENGTH} printable characters without spaces")
-    return value
+    """An optional id: empty, or a valid clasp.plan_exchange id (it names Redis keys)."""
+    return check_id(name, value) if value else value
 
 
 def request_from_pb(req: pb.GenerateRequest, engine: Engine, defaults: ClaspConfig,
-                    default_max_new_tokens: int) -> DecodeRequest:
+                    default_max_new_tokens: int, max_prompt_tokens: int | None = None) -> DecodeRequest:
+    window = engine.runner.spec.max_context
+    max_prompt = min(max_prompt_tokens or window - 1, window - 1)
     request_id = _check_id("request_id", req.request_id) or uuid.uuid4().hex
     session_id = _check_id("session_id", req.session_id)
+    if len(req.abort_secret) > MAX_SECRET_LENGTH or not req.abort_secret.isprintable():
+        raise ValueError(f"abort_secret must be at most {MAX_SECRET_LENGTH} printable characters")
     which = req.WhichOneof("input")
     if which is None:
         raise ValueError("prompt: give a prompt or chat messages")
+    max_chars = MAX_CHARS_PER_TOKEN * max_prompt
     if which == "prompt":
+        if len(req.prompt) > max_chars:
+            raise ValueError(f"prompt: {len(req.prompt)} characters, at most {max_chars}")
         prompt_ids = _field("prompt", lambda: engine.encode(req.prompt, chat=not req.raw_prompt))
     else:
+        if len(req.chat.messages) > MAX_CHAT_MESSAGES:
+            raise ValueError(f"chat.messages: {len(req.chat.messages)} messages, at most {MAX_CHAT_MESSAGES}")
         messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
         for i, m in enumerate(messages):
-            if not m["role"].strip():
-                raise ValueError(f"chat.messages[{i}].role: must not be empty")
+            if m["role"] not in ROLES:
+                raise ValueError(f"chat.messages[{i}].role: must be one of {', '.join(ROLES)}")
+        if sum(len(m["content"]) for m in messages) > max_chars:
+            raise ValueError(f"chat.messages: more than {max_chars} characters of content")
         prompt_ids = _field("chat.messages", lambda: engine.encode(messages=messages))
     s = req.sampling
     params = _field("sampling", lambda: SamplingParams(
@@ -74,9 +91,9 @@ def request_from_pb(req: pb.GenerateRequest, engine: Engine, defaults: ClaspConf
     config = _field("speculation", lambda: dataclasses.replace(defaults, **overrides))
     num_layers = engine.runner.spec.num_layers
     _field("speculation.num_skip_layers", lambda: config.skip_count(num_layers, engine.runner.draft_has_copy))
-    if len(prompt_ids) >= engine.runner.spec.max_context:
-        raise ValueError(f"prompt: {len(prompt_ids)} tokens, the context window is {engine.runner.spec.max_context}")
-    return DecodeRequest(request_id, session_id, prompt_ids, params, config)
+    if len(prompt_ids) > max_prompt:
+        raise ValueError(f"prompt: {len(prompt_ids)} tokens, at most {max_prompt} (the context window is {window})")
+    return DecodeRequest(request_id, session_id, prompt_ids, params, config, req.abort_secret)
 
 
 def chunk_to_pb(request_id: str, token_ids: list[int], text: str) -> pb.GenerateResponse:

@@ -4,11 +4,18 @@ One background thread owns the Redis connection. Decode loops only touch in-memo
 `submit` enqueues a PlanRequest (dropped, and counted, when the queue is full) and `poll`
 returns the newest validated plan the thread has fetched. A stale, missing or untrustworthy
 plan, or Redis being down, only means the decoder keeps the skip set it has.
+
+A plan's version is reported, never trusted for ordering: the plan key holds the session's
+newest plan (the planner overwrites it), so a plan is new when its bytes changed. A version
+of 2^64-1 once pinned a session, and after a Redis restart (counters reset) a session the
+decoder remembered at version 20 adopted none of the next 20 plans. Bytes seen once, adopted
+or rejected, are not looked at again (a bad plan was re-rejected every poll).
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import queue
 import threading
 import time
@@ -51,8 +58,11 @@ class PlanBus:
         self.metrics = metrics
         self._outbox: queue.Queue[bytes] = queue.Queue(maxsize=queue_size)
         self.max_plans = max_plans
-        # session -> (version, plan), least recently updated first; bounded.
-        self._plans: collections.OrderedDict[str, tuple[int, LayerPlan]] = collections.OrderedDict()
+        # session -> (sequence, version, plan), least recently updated first; bounded. The sequence
+        # is this bus's own count of adoptions: what "newer" means to a request.
+        self._plans: collections.OrderedDict[str, tuple[int, int, LayerPlan]] = collections.OrderedDict()
+        self._digests: collections.OrderedDict[str, bytes] = collections.OrderedDict()  # last bytes looked at
+        self._sequence = 0
         self._watched: dict[str, int] = {}  # session -> number of live requests
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -72,7 +82,8 @@ class PlanBus:
             else:
                 self._watched[session_id] = left
 
-    def latest(self, session_id: str) -> tuple[int, LayerPlan] | None:
+    def latest(self, session_id: str) -> tuple[int, int, LayerPlan] | None:
+        """(sequence, version, plan) of the session's newest adopted plan."""
         with self._lock:
             return self._plans.get(session_id)
 
@@ -142,20 +153,27 @@ class PlanBus:
         for session_id, raw in zip(sessions, values):
             if raw is None:
                 continue
-            current = self.latest(session_id)
+            digest = hashlib.blake2b(raw, digest_size=16).digest()
+            if self._digests.get(session_id) == digest:
+                continue  # looked at already (adopted or rejected)
+            self._digests.pop(session_id, None)
+            self._digests[session_id] = digest
+            while len(self._digests) > self.max_plans:
+                self._digests.popitem(last=False)
             try:
                 plan = pb.Plan.FromString(raw)
-                if current is not None and plan.version <= current[0]:
-                    continue
+                if plan.session_id != session_id:
+                    raise ValueError(f"plan is for session {plan.session_id!r}")
                 layer_plan = plan_from_pb(plan, self.model, self.num_layers)
             except Exception as e:  # malformed bytes or an untrustworthy plan: never applied
-                log.warning("rejected plan", session_id=session_id, error=str(e))
+                log.warning("rejected plan", session_id=session_id, error=str(e)[:200])
                 if self.metrics:
                     self.metrics.plans_rejected.inc()
                 continue
             with self._lock:
+                self._sequence += 1
                 self._plans.pop(session_id, None)
-                self._plans[session_id] = (plan.version, layer_plan)
+                self._plans[session_id] = (self._sequence, plan.version, layer_plan)
                 while len(self._plans) > self.max_plans:
                     self._plans.popitem(last=False)
             if self.metrics:
@@ -169,7 +187,7 @@ class SessionExchange:
         self.bus = bus
         self.session_id = session_id
         current = bus.latest(session_id)
-        self.seen_version = current[0] if current else 0
+        self.seen = current[0] if current else 0  # the bus's sequence number of the newest plan seen
         self.versions: list[int] = []
         self.submitted = 0
 
@@ -178,8 +196,8 @@ class SessionExchange:
         current = self.bus.latest(self.session_id)
         if current is None:
             return None
-        self.versions.append(current[0])
-        return current[1]
+        self.versions.append(current[1])
+        return current[2]
 
     def submit(self, request: PlanInput) -> None:
         self.submitted += 1
@@ -187,8 +205,8 @@ class SessionExchange:
 
     def poll(self) -> LayerPlan | None:
         current = self.bus.latest(self.session_id)
-        if current is None or current[0] <= self.seen_version:
+        if current is None or current[0] <= self.seen:
             return None
-        self.seen_version = current[0]
-        self.versions.append(current[0])
-        return current[1]
+        self.seen = current[0]
+        self.versions.append(current[1])
+        return current[2]

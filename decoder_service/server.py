@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import hmac
 import time
 
 import grpc
@@ -16,17 +18,31 @@ from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
 from decoder_service.convert import chunk_to_pb, final_to_pb, request_from_pb
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.plan_bus import PlanBus, SessionExchange
+from decoder_service.security import BearerAuth, caller_identity
 
 log = structlog.get_logger("decoder")
 
 
+@dataclasses.dataclass
+class _Admitted:
+    """A request from admission (queued or decoding) to its end: what Abort needs."""
+
+    abort: asyncio.Event
+    owner: str | None  # the caller's token identity (None without tokens)
+    secret: str  # the request's abort_secret ("" if it set none)
+    reason: str = "abort"  # why abort was set: abort or shutdown (for logs)
+
+
 class DecoderServicer(pb_grpc.DecoderServicer):
     def __init__(self, metrics: DecoderMetrics, max_concurrent: int, max_queue: int,
-                 default_max_new_tokens: int, executor: concurrent.futures.Executor) -> None:
+                 default_max_new_tokens: int, executor: concurrent.futures.Executor,
+                 max_prompt_tokens: int | None = None, auth: BearerAuth | None = None) -> None:
         self.engine: Engine | None = None  # set by attach() once loaded; the server starts before
         self.bus: PlanBus | None = None
         self.metrics = metrics
         self.default_max_new_tokens = default_max_new_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.auth = auth
         self.max_queue = max_queue
         self.slots = asyncio.Semaphore(max_concurrent)
         # The process's one torch thread (it also loaded and warmed the model): concurrent
@@ -34,11 +50,13 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         self.executor = executor
         self.waiting = 0
         self.draining = False
-        self.aborts: dict[str, asyncio.Event] = {}
+        # request_id -> every admitted request, queued or decoding: an id is in use from
+        # admission to the end (a second request with it is refused), and Abort finds both.
+        self.requests: dict[str, _Admitted] = {}
 
     def in_flight(self) -> int:
         """Streams decoding or waiting for a slot."""
-        return len(self.aborts) + self.waiting
+        return len(self.requests)
 
     def attach(self, engine: Engine, bus: PlanBus | None) -> None:
         self.engine, self.bus = engine, bus
@@ -49,42 +67,101 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         for mode in ("ar", "clasp"):
             self.engine.generate(ids, SamplingParams(max_new_tokens=4), ClaspConfig(mode=mode))
 
+    def _may_abort(self, entry: _Admitted, caller: str | None, secret: str) -> bool:
+        """Only the caller that started a request: the same token identity where tokens are required,
+        and the request's own secret where it set one; with neither, nobody can prove it."""
+        if self.auth is not None and caller != entry.owner:
+            return False
+        if entry.secret:
+            return hmac.compare_digest(entry.secret.encode(), secret.encode())
+        return self.auth is not None
+
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
-        event = self.aborts.get(request.request_id)
-        if event is not None:
-            event.set()
-        return pb.AbortResponse(found=event is not None)
+        entry = self.requests.get(request.request_id)
+        if entry is None or not self._may_abort(entry, caller_identity(self.auth, context), request.abort_secret):
+            return pb.AbortResponse(found=False)  # another caller's request looks like an unknown one
+        entry.abort.set()
+        return pb.AbortResponse(found=True)
+
+    async def drain(self, grace_period_s: float, abort_wait_s: float = 10.0) -> None:
+        """Shutdown: refuse new streams, give in-flight ones the grace period, then abort the rest,
+        which end with FINISH_REASON_ABORTED within one round (or one prefill piece)."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_period_s
+        while self.in_flight() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if not self.in_flight():
+            return
+        log.warning("grace period over: aborting in-flight streams", in_flight=self.in_flight())
+        for entry in self.requests.values():
+            entry.reason = "shutdown"
+            entry.abort.set()
+        deadline = loop.time() + abort_wait_s
+        while self.in_flight() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def _wait_for_slot(self, abort: asyncio.Event) -> bool:
+        """Wait for a decoding slot or an abort; True with a slot held."""
+        acquire = asyncio.ensure_future(self.slots.acquire())
+        aborted = asyncio.ensure_future(abort.wait())
+        try:
+            await asyncio.wait({acquire, aborted}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the client went away while queued
+            self._give_up(acquire)
+            raise
+        finally:
+            aborted.cancel()
+        if abort.is_set():
+            self._give_up(acquire)
+            return False
+        return True
+
+    def _give_up(self, acquire: asyncio.Future) -> None:
+        if acquire.done() and not acquire.cancelled():
+            self.slots.release()
+        else:
+            acquire.cancel()
 
     async def Generate(self, request: pb.GenerateRequest, context):
         if self.draining or self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "server is shutting down" if self.draining else "model is still loading")
-        req = request_from_pb(request, self.engine, self.engine.config, self.default_max_new_tokens)
-        if req.request_id in self.aborts:
-            raise ValueError(f"request_id: {req.request_id!r} is already running")
+        req = request_from_pb(request, self.engine, self.engine.config, self.default_max_new_tokens,
+                              self.max_prompt_tokens)
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id: {req.request_id!r} is already in use")
         with structlog.contextvars.bound_contextvars(request_id=req.request_id, session_id=req.session_id):
             if self.waiting >= self.max_queue:
                 self.metrics.requests.labels(outcome="rejected").inc()
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"server busy: {self.waiting} requests already waiting (max_queue {self.max_queue})")
-            self.waiting += 1
-            self.metrics.queue_depth.set(self.waiting)
+            entry = self.requests[req.request_id] = _Admitted(asyncio.Event(), caller_identity(self.auth, context),
+                                                              req.abort_secret)
             try:
-                await self.slots.acquire()
-            finally:
-                self.waiting -= 1
+                self.waiting += 1
                 self.metrics.queue_depth.set(self.waiting)
-            abort = self.aborts[req.request_id] = asyncio.Event()
-            self.metrics.active.inc()
-            try:
-                async for message in self._decode(req, context, abort):
-                    yield message
+                try:
+                    got_slot = await self._wait_for_slot(entry.abort)
+                finally:
+                    self.waiting -= 1
+                    self.metrics.queue_depth.set(self.waiting)
+                if not got_slot:  # aborted while queued: it never runs
+                    self.metrics.requests.labels(outcome="aborted").inc()
+                    log.info("generation stopped early", reason=entry.reason, num_generated=0, queued=True)
+                    yield final_to_pb(req.request_id, None, "aborted", len(req.prompt_ids), 0, [], [])
+                    return
+                self.metrics.active.inc()
+                try:
+                    async for message in self._decode(req, context, entry):
+                        yield message
+                finally:
+                    self.metrics.active.dec()
+                    self.slots.release()
             finally:
-                self.metrics.active.dec()
-                self.aborts.pop(req.request_id, None)
-                self.slots.release()
+                self.requests.pop(req.request_id, None)
 
-    async def _decode(self, req, context, abort: asyncio.Event):
+    async def _decode(self, req, context, entry: _Admitted):
         loop = asyncio.get_running_loop()
         session = req.session_id or req.request_id  # an unnamed request still plans through the planner
         exchange = SessionExchange(self.bus, session) if self.bus is not None else None
@@ -104,21 +181,26 @@ class DecoderServicer(pb_grpc.DecoderServicer):
                 pending = None
                 result = chunk.result
                 num_generated += len(chunk.token_ids)
-                if first_token_at is None:
+                if first_token_at is None and chunk.token_ids:
                     first_token_at = time.perf_counter()
                     self.metrics.time_to_first_token_s.observe(first_token_at - started)
                 if result is None:
-                    # Checked between rounds: cancellation and aborts take effect within one step.
+                    # Checked between rounds (and prefill pieces): cancellation and aborts take
+                    # effect within one step.
                     remaining = context.time_remaining()
-                    if abort.is_set():
+                    if entry.abort.is_set():
                         finish = "aborted"
                     elif remaining is not None and remaining <= 0:
                         finish = "cancelled"
                     if finish:
                         self.metrics.cancelled_rounds.labels(reason=finish).inc()
-                        log.info("generation stopped early", reason=finish, num_generated=num_generated)
-                        yield chunk_to_pb(req.request_id, chunk.token_ids, chunk.text)
+                        log.info("generation stopped early", reason=entry.reason if finish == "aborted" else finish,
+                                 num_generated=num_generated)
+                        if chunk.token_ids:
+                            yield chunk_to_pb(req.request_id, chunk.token_ids, chunk.text)
                         break
+                    if not chunk.token_ids:
+                        continue  # between prefill pieces: nothing to send
                 yield chunk_to_pb(req.request_id, chunk.token_ids, chunk.text)
             finish = finish or result.finish_reason
             if result is not None:

@@ -78,11 +78,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-def add_health_and_reflection(server: grpc.aio.Server, service_names: list[str]) -> health.aio.HealthServicer:
-    """Register grpc.health.v1 (every service NOT_SERVING until set) and server reflection."""
+def add_health_and_reflection(server: grpc.aio.Server, service_names: list[str],
+                              with_reflection: bool = False) -> health.aio.HealthServicer:
+    """Register grpc.health.v1 (every service NOT_SERVING until set) and, if asked, server reflection."""
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    reflection.enable_server_reflection(service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if with_reflection:
+        reflection.enable_server_reflection(service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return servicer
 
 

@@ -18,6 +18,7 @@ from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
 from decoder_service.service_common import (ErrorInterceptor, add_health_and_reflection, env, redis_client,
                                             run_service, set_serving, torch_executor, wait_for_stop_signal)
+from decoder_service.security import GuardInterceptor, add_security_flags, auth_from_env
 from planner_service.worker import PlannerMetrics, PlannerWorker
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Planner"].full_name
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consumer-name", default=env("CONSUMER_NAME", f"{socket.gethostname()}-{os.getpid()}"),
                    help="consumer name in the Redis group [CLASP_CONSUMER_NAME]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[CLASP_LOG_LEVEL]")
+    add_security_flags(p, env)
     return p
 
 
@@ -70,8 +72,9 @@ async def serve(args: argparse.Namespace) -> None:
     metrics = PlannerMetrics(registry)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host, registry=registry)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
-    health = add_health_and_reflection(server, [SERVICE])
+    auth = auth_from_env(args.auth_token_file)  # GetPlan behind the same tokens as the decoder
+    server = grpc.aio.server(interceptors=[GuardInterceptor(auth), ErrorInterceptor()])
+    health = add_health_and_reflection(server, [SERVICE], args.reflection)
     client = redis_client(args.redis_url)
     pb_grpc.add_PlannerServicer_to_server(PlannerServicer(client), server)
     await set_serving(health, [SERVICE], False)

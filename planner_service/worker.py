@@ -16,7 +16,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from clasp.plan_exchange import (PLAN_NOTIFY_CHANNEL, PLAN_REQUEST_STREAM, PLANNER_GROUP, PlanInput,
-                                 SessionContexts, decode_tensor, plan_key, plan_version_key)
+                                 SessionContexts, check_id, decode_tensor, plan_key, plan_version_key)
 from clasp.planner import LayerPlan
 from clasp_serve.v1 import clasp_pb2 as pb
 
@@ -49,7 +49,7 @@ def request_from_pb(message: pb.PlanRequest) -> PlanInput:
 class PlannerWorker:
     def __init__(self, client: redis.Redis, contexts: SessionContexts, model: str, consumer: str,
                  metrics: PlannerMetrics, plan_ttl_s: int = 3600, claim_idle_s: float = 30.0,
-                 batch: int = 16) -> None:
+                 batch: int = 16, prune_idle_s: float = 120.0) -> None:
         self.client = client
         self.contexts = contexts
         self.model = model
@@ -59,6 +59,10 @@ class PlannerWorker:
         self.plan_ttl_s = plan_ttl_s
         self.claim_idle_ms = int(claim_idle_s * 1000)
         self.batch = batch
+        # Consumers of the group idle this long with nothing pending are dead planners (a restart
+        # gets a new name): removed, so the group lists only live ones.
+        self.prune_idle_ms = int(prune_idle_s * 1000)
+        self._next_prune = 0.0
         self._stop = threading.Event()
         self._done: concurrent.futures.Future | None = None
 
@@ -79,6 +83,9 @@ class PlannerWorker:
                 self._ensure_group()
                 self.metrics.redis_up.set(1)
                 self._process(self._claim_stale() or self._read())
+                if time.monotonic() >= self._next_prune:
+                    self._next_prune = time.monotonic() + min(self.prune_idle_ms / 1000, 60.0)
+                    self.prune_consumers()
                 backoff = 0.1
             except (redis.RedisError, OSError) as e:
                 self.metrics.redis_up.set(0)
@@ -101,6 +108,18 @@ class PlannerWorker:
                                        block=500)
         return reply[0][1] if reply else []
 
+    def prune_consumers(self) -> list[str]:
+        """Delete the group's consumers (other than this one) idle past prune_idle_s with no pending entries."""
+        removed = []
+        for consumer in self.client.xinfo_consumers(PLAN_REQUEST_STREAM, PLANNER_GROUP):
+            name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else consumer["name"]
+            if name != self.consumer and consumer["pending"] == 0 and consumer["idle"] >= self.prune_idle_ms:
+                self.client.xgroup_delconsumer(PLAN_REQUEST_STREAM, PLANNER_GROUP, name)
+                removed.append(name)
+        if removed:
+            log.info("removed dead consumers", consumers=removed)
+        return removed
+
     def _claim_stale(self) -> list:
         """Entries another planner read but never acknowledged (it crashed)."""
         reply = self.client.xautoclaim(PLAN_REQUEST_STREAM, PLANNER_GROUP, self.consumer,
@@ -108,23 +127,38 @@ class PlannerWorker:
         return [e for e in reply[1] if e[1]]  # Redis 6.2 replies with 2 fields, 7 with 3
 
     def _process(self, entries: list) -> None:
+        """Plan each session's newest request, then acknowledge the whole batch, whatever happened:
+        a request that fails is rejected once, never re-delivered (a poison pill used to be claimed
+        again every claim_idle_s, forever), and never keeps the batch's other requests from planning."""
         newest: dict[str, tuple[pb.PlanRequest, bytes]] = {}
-        done = []
-        for entry_id, fields in entries:
-            done.append(entry_id)
-            try:
-                message = pb.PlanRequest.FromString(fields[b"request"])
-            except Exception as e:
-                self.metrics.rejected.inc()
-                log.warning("malformed plan request", entry=entry_id, error=str(e))
-                continue
-            if message.session_id in newest:
-                self.metrics.superseded.inc()
-            newest[message.session_id] = (message, entry_id)
-        for session_id, (message, _) in newest.items():
-            self._plan_one(session_id, message)
-        if done:
-            self.client.xack(PLAN_REQUEST_STREAM, PLANNER_GROUP, *done)
+        done = [entry_id for entry_id, _ in entries]
+        try:
+            for entry_id, fields in entries:
+                try:
+                    message = pb.PlanRequest.FromString(fields[b"request"])
+                    check_id("session_id", message.session_id)
+                except Exception as e:
+                    self.metrics.rejected.inc()
+                    log.warning("malformed plan request", entry=entry_id, error=str(e)[:200])
+                    continue
+                if message.session_id in newest:
+                    self.metrics.superseded.inc()
+                newest[message.session_id] = (message, entry_id)
+            for session_id, (message, _) in newest.items():
+                try:
+                    self._plan_one(session_id, message)
+                except (redis.RedisError, OSError):
+                    raise  # Redis down: the acknowledgement fails too, and the batch is claimed again later
+                except Exception as e:  # a bad request must not end in an unacknowledged batch
+                    self.metrics.rejected.inc()
+                    log.warning("plan request failed", session_id=session_id, error=type(e).__name__,
+                                detail=str(e)[:200])
+        finally:
+            if done:
+                try:
+                    self.client.xack(PLAN_REQUEST_STREAM, PLANNER_GROUP, *done)
+                except (redis.RedisError, OSError):
+                    pass  # re-delivered after claim_idle_s; planning again is harmless
 
     def _plan_one(self, session_id: str, message: pb.PlanRequest) -> None:
         log_ = log.bind(session_id=session_id, step=message.step)

@@ -270,7 +270,7 @@ def test_full_queue_is_resource_exhausted(stack):
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue" in e.value.details()
     finally:
         for i in range(4):
-            wait_for(lambda i=i: clients[4].abort(f"busy-{i}") or _finished(stack, f"busy-{i}"), 60, f"abort busy-{i}")
+            wait_for(lambda i=i: clients[i].abort(f"busy-{i}") or _finished(stack, f"busy-{i}"), 60, f"abort busy-{i}")
         for t in threads:
             t.join(60)
         for c in clients:

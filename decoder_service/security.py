@@ -1,0 +1,164 @@
+"""What guards both services' gRPC servers: optional bearer tokens, and requests that do not parse.
+
+Tokens come from a file (`--auth-token-file`, one `identity:token` or bare `token` per line) or the
+CLASP_AUTH_TOKEN environment variable, never from a command line, and are never logged. Every
+method but the health checks (which Kubernetes probes call without credentials) then needs
+`authorization: Bearer <token>`; anything else is UNAUTHENTICATED. Tokens are compared in
+constant time (hmac.compare_digest, against every known token).
+
+A request whose bytes do not parse as its message used to end as UNKNOWN with grpc's internal
+exception text; it is INVALID_ARGUMENT naming the message type.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+
+import grpc
+
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+DEFAULT_IDENTITY = "default"
+
+
+def load_tokens(path: str | os.PathLike | None, env_token: str | None = None) -> dict[str, str]:
+    """identity -> token from a token file and/or one token from the environment ({} when neither)."""
+    tokens: dict[str, str] = {}
+    if path:
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            identity, _, token = line.rpartition(":") if ":" in line else (DEFAULT_IDENTITY, "", line)
+            identity = identity.strip() or DEFAULT_IDENTITY
+            token = token.strip()
+            if len(token) < 16:
+                raise ValueError(f"{path}:{n}: tokens must be at least 16 characters")
+            if identity in tokens:
+                raise ValueError(f"{path}:{n}: identity {identity!r} appears twice")
+            tokens[identity] = token
+    if env_token:
+        if len(env_token) < 16:
+            raise ValueError("CLASP_AUTH_TOKEN must be at least 16 characters")
+        tokens.setdefault(DEFAULT_IDENTITY, env_token)
+    return tokens
+
+
+class BearerAuth:
+    def __init__(self, tokens: dict[str, str]) -> None:
+        if not tokens:
+            raise ValueError("BearerAuth needs at least one token")
+        self._tokens = [(identity, token.encode()) for identity, token in tokens.items()]
+
+    def identity(self, metadata) -> str | None:
+        """The identity whose token the call carries, or None."""
+        presented = b""
+        for key, value in metadata or ():
+            if key == "authorization":
+                text = value if isinstance(value, str) else value.decode("latin-1")
+                if text[:7].lower() == "bearer ":
+                    presented = text[7:].strip().encode()
+        if not presented:
+            return None
+        found = None
+        for identity, token in self._tokens:  # every token, so the time does not say which one matched
+            if hmac.compare_digest(presented, token) and found is None:
+                found = identity
+        return found
+
+
+class _Malformed:
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _lenient(deserializer, type_name: str):
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception:
+            return _Malformed(type_name)
+
+    return deserialize
+
+
+def _message_name(method: str) -> str:
+    return method.rsplit("/", 1)[-1] + " request"
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Put first in the server's interceptors: authenticates (when auth is set), then turns
+    unparsable request bytes into INVALID_ARGUMENT before the servicer sees them."""
+
+    def __init__(self, auth: BearerAuth | None = None) -> None:
+        self.auth = auth
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        denied = (self.auth is not None and method not in OPEN_METHODS
+                  and self.auth.identity(handler_call_details.invocation_metadata) is None)
+        name = _message_name(method)
+        deserialize = _lenient(handler.request_deserializer, name)
+
+        async def refuse(request, context):
+            if denied:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {request.type_name}")
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                if denied or isinstance(request, _Malformed):
+                    await refuse(request, context)
+                return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if denied or isinstance(request, _Malformed):
+                    await refuse(request, context)
+                async for item in inner_stream(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, handler.response_serializer)
+        if denied:  # streaming requests (server reflection): refused whole
+            async def refuse_stream(request_iterator, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+            if handler.stream_stream:
+                return grpc.stream_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
+                                                             handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(refuse_stream, handler.request_deserializer,
+                                                        handler.response_serializer)
+        return handler
+
+
+def add_security_flags(parser, env) -> None:
+    """The flags both services take for this module (env: service_common.env)."""
+    parser.add_argument("--auth-token-file", default=env("AUTH_TOKEN_FILE") or None,
+                        help="require 'authorization: Bearer <token>' on every RPC but health; the file holds one "
+                             "'identity:token' per line (the token itself may also come from CLASP_AUTH_TOKEN) "
+                             "[CLASP_AUTH_TOKEN_FILE]")
+    parser.add_argument("--reflection", action="store_true", default=env("REFLECTION", "") in ("1", "true", "on"),
+                        help="serve gRPC server reflection (off by default; behind the tokens when they are set) "
+                             "[CLASP_REFLECTION=1]")
+
+
+def auth_from_env(token_file: str | None) -> BearerAuth | None:
+    """BearerAuth from --auth-token-file and CLASP_AUTH_TOKEN, or None when neither is set."""
+    tokens = load_tokens(token_file, os.environ.get("CLASP_AUTH_TOKEN"))
+    return BearerAuth(tokens) if tokens else None
+
+
+def caller_identity(auth: BearerAuth | None, context) -> str | None:
+    return auth.identity(context.invocation_metadata()) if auth is not None else None

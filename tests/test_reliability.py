@@ -1,0 +1,190 @@
+"""What broke when the services were attacked from outside, closed in the core and the adapters:
+unbounded sizes, a planner poison pill, trusted plan versions, key-shaping ids, dead consumers,
+tiny temperatures and one long prompt holding the torch thread. Real model, real redis-server."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+
+import pytest
+import redis
+import torch
+from prometheus_client import CollectorRegistry
+
+from clasp.config import MAX_DRAFT_LENGTH, ClaspConfig, SamplingParams
+from clasp.plan_exchange import (PLAN_REQUEST_STREAM, PLANNER_GROUP, SessionContexts, check_id, encode_tensor,
+                                 plan_key)
+from clasp_serve.v1 import clasp_pb2 as pb
+from decoder_service.metrics import DecoderMetrics
+from decoder_service.plan_bus import PlanBus
+from planner_service.worker import PlannerMetrics, PlannerWorker
+from test_services import PASSWORD, Redis, wait_for
+
+MODEL = "SmolLM2-135M-Instruct:30x576:49152"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    server = Redis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield redis.Redis(port=server.port, password=PASSWORD)
+    server.stop()
+
+
+# ------------------------------------------------------------------ bounds on what a request sets
+@pytest.mark.parametrize("field,value", [
+    ("max_draft_length", 10**8), ("max_draft_length", 2**32 - 1), ("max_draft_length", MAX_DRAFT_LENGTH + 1),
+    ("replan_interval", 2**32 - 1), ("ngram_size", 2**32 - 1), ("prefill_chunk_tokens", 0),
+])
+def test_every_speculation_size_is_bounded(field, value):
+    # 10^8 raised decoder peak memory 3.1 -> 5.3 GB (the controller keeps per-position counts);
+    # 2^32-1 was INTERNAL MemoryError.
+    with pytest.raises(ValueError, match=field):
+        ClaspConfig(**{field: value})
+    assert ClaspConfig(max_draft_length=MAX_DRAFT_LENGTH).max_draft_length == MAX_DRAFT_LENGTH
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(stop=["x"] * 17), "stop strings"), (dict(stop=["x" * 257]), "stop strings"),
+    (dict(top_k=2**32 - 1), "top_k"), (dict(temperature=1e38), "temperature"),
+    (dict(temperature=math.nan), "temperature"), (dict(top_p=math.nan), "top_p"),
+])
+def test_sampling_sizes_are_bounded(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 1e-6])
+def test_denormal_temperatures_decode_greedily(engine, temperature):
+    """1e-38 (float32 denormal range) divided the logits into inf and the softmax into NaN: INTERNAL."""
+    ids = engine.encode("Name three rivers in Europe.")
+    params = SamplingParams(max_new_tokens=8, temperature=temperature, seed=1)
+    assert params.greedy
+    reference = engine.generate(ids, SamplingParams(max_new_tokens=8), ClaspConfig(mode="ar")).token_ids
+    assert engine.generate(ids, params, ClaspConfig(mode="clasp")).token_ids == reference
+
+
+@pytest.mark.parametrize("value", ["x}:plan", "{x}", "a:b", "*", "has space", "é", "", "x" * 129])
+def test_ids_that_would_shape_redis_keys_are_refused(value):
+    with pytest.raises(ValueError, match="session_id"):
+        plan_key(value)
+    with pytest.raises(ValueError, match="request_id"):
+        check_id("request_id", value)
+    assert plan_key("chat-1.a_B") == "clasp:{chat-1.a_B}:plan"
+
+
+# ------------------------------------------------------------------ one long prompt
+def test_long_prefill_yields_between_pieces_and_stays_exact(engine):
+    """A 6000-token prefill held the one torch thread for 32 s; now it yields every piece."""
+    ids = engine.encode("Summarize: " + "The quick brown fox jumps over the lazy dog. " * 30)
+    params = SamplingParams(max_new_tokens=12)
+    whole = engine.generate(ids, params, ClaspConfig(mode="ar", prefill_chunk_tokens=4096)).token_ids
+    chunks = list(engine.stream(ids, params, ClaspConfig(mode="clasp", prefill_chunk_tokens=64)))
+    empty_before_first = next(i for i, c in enumerate(chunks) if c.token_ids)
+    assert empty_before_first == math.ceil(len(ids) / 64) - 1
+    assert all(c.text == "" for c in chunks[:empty_before_first])
+    assert chunks[-1].result.token_ids == whole
+
+
+# ------------------------------------------------------------------ the planner: poison pills
+def _plan_request(engine, session: str, hidden: torch.Tensor | None = None, token_ids=None) -> bytes:
+    spec = engine.runner.spec
+    ids = token_ids or engine.encode("Tell me about the moon.")
+    hidden = hidden if hidden is not None else torch.randn(spec.num_layers + 1, spec.hidden_size)
+    return pb.PlanRequest(session_id=session, model=engine.identity, step=1, position=len(ids) - 1, token_ids=ids,
+                          hidden_states=encode_tensor(hidden), max_skip=4).SerializeToString()
+
+
+def _pending(store) -> int:
+    return store.xpending(PLAN_REQUEST_STREAM, PLANNER_GROUP)["pending"]
+
+
+def test_poison_plan_requests_are_acknowledged_and_do_not_block_the_batch(engine, store):
+    spec = engine.runner.spec
+    nan = torch.randn(spec.num_layers + 1, spec.hidden_size)
+    nan[3, 7] = math.nan
+    inf = torch.full((spec.num_layers + 1, spec.hidden_size), math.inf)
+    store.delete(PLAN_REQUEST_STREAM)
+    store.xgroup_create(PLAN_REQUEST_STREAM, PLANNER_GROUP, id="0", mkstream=True)
+    poison = {"poison-nan": _plan_request(engine, "poison-nan", hidden=nan),
+              "poison-inf": _plan_request(engine, "poison-inf", hidden=inf),
+              "poison-vocab": _plan_request(engine, "poison-vocab", token_ids=[1, 2, spec.vocab_size + 5, 3]),
+              "poison-key": pb.PlanRequest(session_id="x}:plan", model=engine.identity).SerializeToString()}
+    for payload in poison.values():
+        store.xadd(PLAN_REQUEST_STREAM, {"request": payload})
+    store.xadd(PLAN_REQUEST_STREAM, {"request": b"\xff\xfe not protobuf"})
+    store.xadd(PLAN_REQUEST_STREAM, {"request": _plan_request(engine, "valid-after-poison")})
+    metrics = PlannerMetrics(CollectorRegistry())
+    worker = PlannerWorker(store, SessionContexts(engine.runner, 8), engine.identity, "poison-test", metrics,
+                           claim_idle_s=0.2)
+    executor = concurrent.futures.ThreadPoolExecutor(1)
+    worker.start(executor)
+    try:
+        wait_for(lambda: store.get(plan_key("valid-after-poison")), 60, "the valid request's plan")
+        wait_for(lambda: _pending(store) == 0, 10, "every entry acknowledged")
+    finally:
+        worker.stop()
+        executor.shutdown()
+    for session in ("poison-nan", "poison-inf", "poison-vocab"):
+        assert store.get(plan_key(session)) is None
+    assert metrics.rejected._value.get() == 5  # four bad requests, one malformed entry, each once
+    assert metrics.plans._value.get() == 1
+
+
+def test_dead_consumers_are_removed(engine, store):
+    try:
+        store.xgroup_create(PLAN_REQUEST_STREAM, PLANNER_GROUP, id="0", mkstream=True)
+    except redis.ResponseError:  # BUSYGROUP: made by the test before
+        pass
+    store.xgroup_createconsumer(PLAN_REQUEST_STREAM, PLANNER_GROUP, "dead-planner-1")
+    store.xadd(PLAN_REQUEST_STREAM, {"request": b"x"})
+    store.xreadgroup(PLANNER_GROUP, "dead-with-pending", {PLAN_REQUEST_STREAM: ">"}, count=1)
+    worker = PlannerWorker(store, SessionContexts(engine.runner, 1), engine.identity, "alive",
+                           PlannerMetrics(CollectorRegistry()), prune_idle_s=0)
+    store.xgroup_createconsumer(PLAN_REQUEST_STREAM, PLANNER_GROUP, "alive")
+    removed = worker.prune_consumers()
+    names = {c["name"].decode() for c in store.xinfo_consumers(PLAN_REQUEST_STREAM, PLANNER_GROUP)}
+    assert "dead-planner-1" in removed and "dead-planner-1" not in names
+    assert {"alive", "dead-with-pending"} <= names  # pending entries wait to be claimed first
+
+
+# ------------------------------------------------------------------ the decoder: plans from Redis
+def _plan(session: str, version: int, last: list[int], model: str = MODEL) -> bytes:
+    sets = [list(range(j)) for j in range(len(last))] + [last]
+    return pb.Plan(session_id=session, version=version, model=model, num_layers=30,
+                   skip_sets=[pb.SkipSet(layers=s) for s in sets], scores=[1.0] * len(sets)).SerializeToString()
+
+
+def test_plan_versions_are_reported_not_trusted(store):
+    """2^64-1 pinned a session; after a Redis restart (counters reset) a remembered version 20
+    kept the next 20 plans out. The key holds the newest plan: new bytes are a new plan."""
+    bus = PlanBus(store, MODEL, 30, metrics=DecoderMetrics(CollectorRegistry()))
+    bus.watch("pinned")
+    store.set(plan_key("pinned"), _plan("pinned", 2**64 - 1, [1, 2, 3]))
+    bus._refresh_plans()
+    assert bus.latest("pinned")[1] == 2**64 - 1
+    store.set(plan_key("pinned"), _plan("pinned", 1, [4, 5, 6]))  # after a restart: version 1 again
+    bus._refresh_plans()
+    sequence, version, plan = bus.latest("pinned")
+    assert version == 1 and plan.skip_sets[3] == frozenset({4, 5, 6})
+    bus._refresh_plans()
+    assert bus.latest("pinned")[0] == sequence  # the same bytes are not a new plan
+
+
+def test_a_bad_plan_is_rejected_once(store):
+    """It was re-fetched and re-rejected every 50 ms: 2480 warnings for 448 writes."""
+    metrics = DecoderMetrics(CollectorRegistry())
+    bus = PlanBus(store, MODEL, 30, metrics=metrics)
+    for session in ("bad-model", "bad-session", "bad-bytes"):
+        bus.watch(session)
+    store.set(plan_key("bad-model"), _plan("bad-model", 3, [1, 2, 3], model="another:30x576:49152"))
+    store.set(plan_key("bad-session"), _plan("someone-else", 3, [1, 2, 3]))
+    store.set(plan_key("bad-bytes"), b"\x08\xff\xff not a plan")
+    for _ in range(20):
+        bus._refresh_plans()
+    assert metrics.plans_rejected._value.get() == 3
+    assert all(bus.latest(s) is None for s in ("bad-model", "bad-session", "bad-bytes"))
+    store.set(plan_key("bad-model"), _plan("bad-model", 4, [7, 8, 9]))  # a good plan next: adopted
+    bus._refresh_plans()
+    assert bus.latest("bad-model")[2].skip_sets[3] == frozenset({7, 8, 9})
