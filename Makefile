@@ -11,7 +11,7 @@ PROMPT ?= Explain in three sentences why the sky is blue.
 BENCH ?= quick
 BENCH_ARGS ?=
 
-.PHONY: help setup proto kernels start run stop demo-engine test bench bench-service bench-sampling bench-loi bench-planner bench-all image image-gpu deploy deploy-check clean distclean
+.PHONY: help setup proto kernels start run stop demo-engine test fuzz load bench bench-service bench-sampling bench-loi bench-planner bench-all image image-gpu deploy deploy-check clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -87,6 +87,14 @@ demo-engine: setup  ## stream a demo from the engine CLI alone (no services)
 
 test: setup  ## the test suite (real model, Redis and gRPC; no mocks)
 	$(PY) -m pytest -q tests
+
+FUZZ_EXAMPLES ?= 500
+fuzz: setup  ## the hypothesis fuzz of every GenerateRequest field against a real decoder, longer (FUZZ_EXAMPLES=500)
+	CLASP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_service_hardening.py -k "fuzz or still_serving"
+
+LOAD_ARGS ?=
+load: setup  ## bounded loopback load test + soak: latency percentiles, errors by code, exactness, RSS, Redis keys
+	$(PY) benchmarks/load.py $(LOAD_ARGS)
 
 bench: setup  ## engine benchmark: clasp vs ar vs transformers peers (BENCH=full for all questions)
 	$(PY) benchmarks/bench_engine.py $(if $(filter full,$(BENCH)),--full,) $(BENCH_ARGS)
