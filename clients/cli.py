@@ -4,7 +4,8 @@
   echo "Write a haiku" | python clients/cli.py --temperature 0.8 --seed 1
   python clients/cli.py --session chat-1 "And in French?" --json
 
-A decoder that requires a bearer token reads it from CLASP_AUTH_TOKEN_FILE or CLASP_AUTH_TOKEN.
+A decoder that requires a bearer token reads it from CLASP_AUTH_TOKEN_FILE or CLASP_AUTH_TOKEN; one that
+serves TLS needs CLASP_TLS_CA_FILE (and for mutual TLS CLASP_TLS_CLIENT_CERT_FILE, CLASP_TLS_CLIENT_KEY_FILE).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a sc
 
 import grpc  # noqa: E402
 
-from clients.sdk import MODES, ClaspClient, token_from_env  # noqa: E402
+from clients.sdk import MODES, TLS, ClaspClient, token_from_env  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                    replan_interval=args.replan_interval, num_skip_layers=args.num_skip_layers,
                    max_draft_length=args.max_draft_length)
     try:
-        with ClaspClient(args.target, token=token_from_env()) as client:
+        with ClaspClient(args.target, token=token_from_env(), tls=TLS.from_env()) as client:
             if args.wait_s:
                 client.wait_ready(args.wait_s)
             on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))

@@ -68,6 +68,37 @@ def _metadata(token: str | None) -> tuple | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
+@dataclasses.dataclass
+class TLS:
+    """Client TLS: the CA that signed the server's certificate, and for mutual TLS a client pair."""
+
+    ca_file: str | None = None  # None: the system's roots
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None  # the name the certificate must carry, if not the target's host
+
+    @classmethod
+    def from_env(cls) -> "TLS | None":
+        """CLASP_TLS_CA_FILE (and CLASP_TLS_CLIENT_CERT_FILE / CLASP_TLS_CLIENT_KEY_FILE), or None."""
+        ca = os.environ.get("CLASP_TLS_CA_FILE")
+        return cls(ca, os.environ.get("CLASP_TLS_CLIENT_CERT_FILE"), os.environ.get("CLASP_TLS_CLIENT_KEY_FILE")) \
+            if ca else None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        read = lambda path: open(path, "rb").read() if path else None  # noqa: E731
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+    def options(self) -> list:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def _channel(target: str, tls: TLS | None, aio: bool):
+    module = grpc.aio if aio else grpc
+    if tls is None:
+        return module.insecure_channel(target)
+    return module.secure_channel(target, tls.credentials(), options=tls.options())
+
+
 def token_from_env() -> str | None:
     """The bearer token from CLASP_AUTH_TOKEN_FILE (first token in it) or CLASP_AUTH_TOKEN."""
     path = os.environ.get("CLASP_AUTH_TOKEN_FILE")
@@ -131,9 +162,9 @@ class ClaspClient:
     """Blocking client. Use as a context manager, or call close()."""
 
     def __init__(self, target: str = "127.0.0.1:50051", retries: int = 2, retry_backoff_s: float = 0.2,
-                 token: str | None = None) -> None:
-        """token: the decoder's bearer token, if it requires one."""
-        self.channel = grpc.insecure_channel(target)
+                 token: str | None = None, tls: TLS | None = None) -> None:
+        """token: the decoder's bearer token, if it requires one; tls: for a decoder serving TLS."""
+        self.channel = _channel(target, tls, aio=False)
         self.stub = pb_grpc.DecoderStub(self.channel)
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
@@ -204,8 +235,8 @@ class AsyncClaspClient:
     """asyncio client. Use as an async context manager, or await close()."""
 
     def __init__(self, target: str = "127.0.0.1:50051", retries: int = 2, retry_backoff_s: float = 0.2,
-                 token: str | None = None) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+                 token: str | None = None, tls: TLS | None = None) -> None:
+        self.channel = _channel(target, tls, aio=True)
         self.stub = pb_grpc.DecoderStub(self.channel)
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s

@@ -18,7 +18,7 @@ from decoder_service.service_common import (ErrorInterceptor, add_health_and_ref
                                             run_service, set_serving, torch_executor, wait_for_stop_signal)
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.plan_bus import PlanBus
-from decoder_service.security import GuardInterceptor, add_security_flags, auth_from_env
+from decoder_service.security import GuardInterceptor, add_port, add_security_flags, auth_from_env
 from decoder_service.server import DecoderServicer
 
 SERVICE = clasp_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
@@ -82,7 +82,7 @@ async def serve(args: argparse.Namespace) -> None:
                                args.max_prompt_tokens, auth)
     pb_grpc.add_DecoderServicer_to_server(servicer, server)
     await set_serving(health, [SERVICE], False)
-    bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    bound = add_port(server, f"{args.host}:{args.port}", args)  # TLS with --tls-cert-file
     await server.start()
     log.info("listening; loading model", port=bound, model=args.model or "embedded", auth=auth is not None,
              reflection=args.reflection)

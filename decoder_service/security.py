@@ -12,6 +12,7 @@ exception text; it is INVALID_ARGUMENT naming the message type.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from pathlib import Path
@@ -149,9 +150,30 @@ def add_security_flags(parser, env) -> None:
                         help="require 'authorization: Bearer <token>' on every RPC but health; the file holds one "
                              "'identity:token' per line (the token itself may also come from CLASP_AUTH_TOKEN) "
                              "[CLASP_AUTH_TOKEN_FILE]")
+    parser.add_argument("--tls-cert-file", default=env("TLS_CERT_FILE") or None,
+                        help="serve gRPC over TLS with this PEM certificate (chain) [CLASP_TLS_CERT_FILE]")
+    parser.add_argument("--tls-key-file", default=env("TLS_KEY_FILE") or None,
+                        help="its PEM private key [CLASP_TLS_KEY_FILE]")
+    parser.add_argument("--tls-client-ca-file", default=env("TLS_CLIENT_CA_FILE") or None,
+                        help="mutual TLS: require client certificates signed by this PEM CA [CLASP_TLS_CLIENT_CA_FILE]")
     parser.add_argument("--reflection", action="store_true", default=env("REFLECTION", "") in ("1", "true", "on"),
                         help="serve gRPC server reflection (off by default; behind the tokens when they are set) "
                              "[CLASP_REFLECTION=1]")
+
+
+def add_port(server: grpc.aio.Server, address: str, args) -> int:
+    """Listen on address: TLS when --tls-cert-file is given (mutual with --tls-client-ca-file)."""
+    if not args.tls_cert_file:
+        if args.tls_key_file or args.tls_client_ca_file:
+            raise ValueError("--tls-key-file and --tls-client-ca-file need --tls-cert-file")
+        return server.add_insecure_port(address)
+    if not args.tls_key_file:
+        raise ValueError("--tls-cert-file needs --tls-key-file")
+    pair = (Path(args.tls_key_file).read_bytes(), Path(args.tls_cert_file).read_bytes())
+    client_ca = Path(args.tls_client_ca_file).read_bytes() if args.tls_client_ca_file else None
+    credentials = grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                              require_client_auth=client_ca is not None)
+    return server.add_secure_port(address, credentials)
 
 
 def auth_from_env(token_file: str | None) -> BearerAuth | None:
@@ -162,3 +184,40 @@ def auth_from_env(token_file: str | None) -> BearerAuth | None:
 
 def caller_identity(auth: BearerAuth | None, context) -> str | None:
     return auth.identity(context.invocation_metadata()) if auth is not None else None
+
+
+# The Redis ACL user the services log in as: the commands they send and the keys and channels
+# they use (clasp.plan_exchange names them), nothing else; FLUSHALL, KEYS, CONFIG, EVAL, DEL and
+# keys outside clasp:* are NOPERM. redis-py's INCR sends INCRBY.
+REDIS_USER = "clasp"
+REDIS_COMMANDS = ("ping", "get", "set", "mget", "incr", "incrby", "expire", "publish", "subscribe", "unsubscribe",
+                  "xadd", "xreadgroup", "xautoclaim", "xack", "xgroup|create", "xgroup|delconsumer",
+                  "xinfo|consumers")
+
+
+def redis_acl_rules(password: str) -> list[str]:
+    """The ACL rules of the services' user, the password as its SHA-256 (so configs hold no secret)."""
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    return ["on", f"#{digest}", "resetkeys", "~clasp:*", "resetchannels", "&clasp:*", "-@all",
+            *(f"+{c}" for c in REDIS_COMMANDS)]
+
+
+def redis_acl_config(password: str) -> str:
+    """redis.conf lines: the default user off, the services' user on."""
+    return f"user default off\nuser {REDIS_USER} {' '.join(redis_acl_rules(password))}\n"
+
+
+def secret_from_env(name: str) -> str | None:
+    """CLASP_<name>_FILE's contents (stripped), else CLASP_<name>: Secrets mount as files."""
+    path = os.environ.get(f"CLASP_{name}_FILE")
+    if path:
+        return Path(path).read_text().strip()
+    return os.environ.get(f"CLASP_{name}") or None
+
+
+if __name__ == "__main__":  # python -m decoder_service.security redis-conf PASSWORD_FILE (used by make start)
+    import sys
+
+    if sys.argv[1:2] != ["redis-conf"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m decoder_service.security redis-conf PASSWORD_FILE")
+    sys.stdout.write(redis_acl_config(Path(sys.argv[2]).read_text().strip()))

@@ -18,6 +18,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from decoder_service.security import secret_from_env
+
 log = structlog.get_logger("grpc")
 
 
@@ -27,9 +29,17 @@ def env(name: str, default=None):
 
 
 def redis_client(url: str) -> redis.Redis:
-    """Short timeouts: a dead Redis must not stall the threads that use it for long."""
-    return redis.Redis.from_url(url, password=env("REDIS_PASSWORD") or None, socket_timeout=1.0,
-                                socket_connect_timeout=1.0, health_check_interval=10)
+    """Short timeouts: a dead Redis must not stall the threads that use it for long. The password
+    comes from CLASP_REDIS_PASSWORD_FILE or CLASP_REDIS_PASSWORD, the ACL user from
+    CLASP_REDIS_USERNAME (security.REDIS_USER's rules; unset: the default user). A rediss:// URL
+    is TLS, verified against CLASP_REDIS_CA_FILE (else the system's roots)."""
+    options = dict(username=env("REDIS_USERNAME")) if env("REDIS_USERNAME") else {}
+    if env("REDIS_CA_FILE"):  # TLS to Redis: a rediss:// URL, verified against this CA
+        if not url.startswith("rediss://"):
+            raise ValueError("CLASP_REDIS_CA_FILE needs a rediss:// Redis URL")
+        options["ssl_ca_certs"] = env("REDIS_CA_FILE")
+    return redis.Redis.from_url(url, password=secret_from_env("REDIS_PASSWORD"), socket_timeout=1.0,
+                                socket_connect_timeout=1.0, health_check_interval=10, **options)
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:

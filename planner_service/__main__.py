@@ -18,7 +18,7 @@ from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
 from decoder_service.service_common import (ErrorInterceptor, add_health_and_reflection, env, redis_client,
                                             run_service, set_serving, torch_executor, wait_for_stop_signal)
-from decoder_service.security import GuardInterceptor, add_security_flags, auth_from_env
+from decoder_service.security import GuardInterceptor, add_port, add_security_flags, auth_from_env
 from planner_service.worker import PlannerMetrics, PlannerWorker
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Planner"].full_name
@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-ttl-s", type=int, default=int(env("PLAN_TTL_S", 3600)), help="plan key TTL [CLASP_PLAN_TTL_S]")
     p.add_argument("--consumer-name", default=env("CONSUMER_NAME", f"{socket.gethostname()}-{os.getpid()}"),
                    help="consumer name in the Redis group [CLASP_CONSUMER_NAME]")
+    p.add_argument("--claim-idle-s", type=float, default=float(env("CLAIM_IDLE_S", 30)),
+                   help="claim another planner's unacknowledged requests after this long [CLASP_CLAIM_IDLE_S]")
+    p.add_argument("--prune-idle-s", type=float, default=float(env("PRUNE_IDLE_S", 120)),
+                   help="remove group consumers idle this long with nothing pending (dead planners) "
+                        "[CLASP_PRUNE_IDLE_S]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[CLASP_LOG_LEVEL]")
     add_security_flags(p, env)
     return p
@@ -78,7 +83,7 @@ async def serve(args: argparse.Namespace) -> None:
     client = redis_client(args.redis_url)
     pb_grpc.add_PlannerServicer_to_server(PlannerServicer(client), server)
     await set_serving(health, [SERVICE], False)
-    bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    bound = add_port(server, f"{args.host}:{args.port}", args)  # TLS with --tls-cert-file
     await server.start()
     torch_thread = torch_executor()
     # The DP scores candidates with the full weights: no draft copy here.
@@ -86,7 +91,8 @@ async def serve(args: argparse.Namespace) -> None:
                                                                ClaspConfig(draft_dtype=None), args.device, args.dtype,
                                                                PACK_WEIGHTS[args.pack_weights])
     contexts = SessionContexts(engine.runner, args.max_sessions, args.max_context_mib * 2**20)
-    worker = PlannerWorker(client, contexts, engine.identity, args.consumer_name, metrics, plan_ttl_s=args.plan_ttl_s)
+    worker = PlannerWorker(client, contexts, engine.identity, args.consumer_name, metrics, plan_ttl_s=args.plan_ttl_s,
+                           claim_idle_s=args.claim_idle_s, prune_idle_s=args.prune_idle_s)
     worker.start(torch_thread)
     await set_serving(health, [SERVICE], True)
     log.info("serving", port=bound, model=engine.identity, consumer=args.consumer_name)

@@ -18,6 +18,7 @@ from clasp.plan_exchange import (PLAN_REQUEST_STREAM, PLANNER_GROUP, SessionCont
 from clasp_serve.v1 import clasp_pb2 as pb
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.plan_bus import PlanBus
+from decoder_service.security import REDIS_USER
 from planner_service.worker import PlannerMetrics, PlannerWorker
 from test_services import PASSWORD, Redis, wait_for
 
@@ -25,11 +26,32 @@ MODEL = "SmolLM2-135M-Instruct:30x576:49152"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def redis_server(tmp_path_factory):
     server = Redis(tmp_path_factory.mktemp("redis"))
     server.start()
-    yield redis.Redis(port=server.port, password=PASSWORD)
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(redis_server):
+    return redis.Redis(port=redis_server.port, password=PASSWORD)
+
+
+@pytest.fixture(scope="module")
+def store(redis_server):
+    """What the services log in as: the ACL user, limited to their commands and clasp:* keys."""
+    return redis.Redis(port=redis_server.port, username=REDIS_USER, password=PASSWORD)
+
+
+def test_the_services_redis_user_can_do_only_what_they_do(store):
+    store.set("clasp:{acl}:plan", b"x", ex=5)
+    assert store.mget(["clasp:{acl}:plan"]) == [b"x"]
+    for forbidden in (lambda: store.flushall(), lambda: store.keys("*"), lambda: store.set("other", 1),
+                      lambda: store.config_get("*"), lambda: store.eval("return 1", 0),
+                      lambda: store.delete("clasp:{acl}:plan"), lambda: store.publish("other", "x")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            forbidden()
 
 
 # ------------------------------------------------------------------ bounds on what a request sets
@@ -96,16 +118,16 @@ def _plan_request(engine, session: str, hidden: torch.Tensor | None = None, toke
                           hidden_states=encode_tensor(hidden), max_skip=4).SerializeToString()
 
 
-def _pending(store) -> int:
-    return store.xpending(PLAN_REQUEST_STREAM, PLANNER_GROUP)["pending"]
+def _pending(admin) -> int:
+    return admin.xpending(PLAN_REQUEST_STREAM, PLANNER_GROUP)["pending"]
 
 
-def test_poison_plan_requests_are_acknowledged_and_do_not_block_the_batch(engine, store):
+def test_poison_plan_requests_are_acknowledged_and_do_not_block_the_batch(engine, store, admin):
     spec = engine.runner.spec
     nan = torch.randn(spec.num_layers + 1, spec.hidden_size)
     nan[3, 7] = math.nan
     inf = torch.full((spec.num_layers + 1, spec.hidden_size), math.inf)
-    store.delete(PLAN_REQUEST_STREAM)
+    admin.delete(PLAN_REQUEST_STREAM)
     store.xgroup_create(PLAN_REQUEST_STREAM, PLANNER_GROUP, id="0", mkstream=True)
     poison = {"poison-nan": _plan_request(engine, "poison-nan", hidden=nan),
               "poison-inf": _plan_request(engine, "poison-inf", hidden=inf),
@@ -122,7 +144,7 @@ def test_poison_plan_requests_are_acknowledged_and_do_not_block_the_batch(engine
     worker.start(executor)
     try:
         wait_for(lambda: store.get(plan_key("valid-after-poison")), 60, "the valid request's plan")
-        wait_for(lambda: _pending(store) == 0, 10, "every entry acknowledged")
+        wait_for(lambda: _pending(admin) == 0, 10, "every entry acknowledged")
     finally:
         worker.stop()
         executor.shutdown()
@@ -132,17 +154,17 @@ def test_poison_plan_requests_are_acknowledged_and_do_not_block_the_batch(engine
     assert metrics.plans._value.get() == 1
 
 
-def test_dead_consumers_are_removed(engine, store):
+def test_dead_consumers_are_removed(engine, store, admin):
     try:
         store.xgroup_create(PLAN_REQUEST_STREAM, PLANNER_GROUP, id="0", mkstream=True)
     except redis.ResponseError:  # BUSYGROUP: made by the test before
         pass
-    store.xgroup_createconsumer(PLAN_REQUEST_STREAM, PLANNER_GROUP, "dead-planner-1")
+    admin.xgroup_createconsumer(PLAN_REQUEST_STREAM, PLANNER_GROUP, "dead-planner-1")
     store.xadd(PLAN_REQUEST_STREAM, {"request": b"x"})
     store.xreadgroup(PLANNER_GROUP, "dead-with-pending", {PLAN_REQUEST_STREAM: ">"}, count=1)
     worker = PlannerWorker(store, SessionContexts(engine.runner, 1), engine.identity, "alive",
                            PlannerMetrics(CollectorRegistry()), prune_idle_s=0)
-    store.xgroup_createconsumer(PLAN_REQUEST_STREAM, PLANNER_GROUP, "alive")
+    admin.xgroup_createconsumer(PLAN_REQUEST_STREAM, PLANNER_GROUP, "alive")
     removed = worker.prune_consumers()
     names = {c["name"].decode() for c in store.xinfo_consumers(PLAN_REQUEST_STREAM, PLANNER_GROUP)}
     assert "dead-planner-1" in removed and "dead-planner-1" not in names

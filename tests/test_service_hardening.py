@@ -1,5 +1,5 @@
 """The decoder from outside, as an attacker and a chaos tester: a real decoder process with bearer
-tokens on loopback. Every bad request gets a code naming the field (never INTERNAL or UNKNOWN),
+tokens and mutual TLS on loopback. Every bad request gets a code naming the field (never INTERNAL or UNKNOWN),
 only the caller that started a request can abort it (queued ones too), request ids are unique
 from admission, and a stream still running when the shutdown grace period ends gets
 FINISH_REASON_ABORTED. The hypothesis fuzz of every GenerateRequest field runs
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -24,7 +26,7 @@ from hypothesis import strategies as st
 from clasp.config import ClaspConfig, SamplingParams
 from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
-from clients.sdk import ClaspClient, build_request
+from clients.sdk import TLS, ClaspClient, build_request
 from test_services import REPO, free_port, wait_for
 
 ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef00"
@@ -35,9 +37,35 @@ FIELDS = ("prompt", "chat.messages", "session_id", "request_id", "sampling", "sp
           "stop", "Generate request")
 
 
+def make_certificates(tmp: Path) -> dict[str, Path]:
+    """A self-signed server certificate for 127.0.0.1 and a self-signed client certificate (openssl)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make test certificates")
+    files = {}
+    for name, subject, extra in (("server", "/CN=localhost", ["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]),
+                                 ("client", "/CN=alice", [])):
+        files[f"{name}_cert"], files[f"{name}_key"] = tmp / f"{name}.pem", tmp / f"{name}.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", subject,
+                        "-keyout", str(files[f"{name}_key"]), "-out", str(files[f"{name}_cert"]), *extra],
+                       check=True, capture_output=True, timeout=60)
+    return files
+
+
+def client(decoder, token: str | None = ALICE, **kwargs) -> ClaspClient:
+    return ClaspClient(decoder["target"], token=token, tls=decoder["tls"], **kwargs)
+
+
+def channel(decoder) -> grpc.Channel:
+    tls = decoder["tls"]
+    return grpc.secure_channel(decoder["target"], tls.credentials(), options=tls.options())
+
+
 @pytest.fixture(scope="module")
 def decoder(tmp_path_factory):
+    """The decoder with bearer tokens and mutual TLS (a server certificate, client certificates required)."""
     tmp = tmp_path_factory.mktemp("hardening")
+    certs = make_certificates(tmp)
+    tls = TLS(ca_file=str(certs["server_cert"]), cert_file=str(certs["client_cert"]), key_file=str(certs["client_key"]))
     tokens = tmp / "tokens"
     tokens.write_text(f"# identity:token\nalice:{ALICE}\nbob:{BOB}\n")
     port, metrics_port = free_port(), free_port()
@@ -46,12 +74,14 @@ def decoder(tmp_path_factory):
     env.pop("CLASP_AUTH_TOKEN", None)
     proc = subprocess.Popen([sys.executable, "-m", "decoder_service", "--host", "127.0.0.1", "--port", str(port),
                              "--metrics-port", str(metrics_port), "--max-concurrent", "1", "--max-queue", "4",
-                             "--grace-period-s", "1", "--auth-token-file", str(tokens)],
+                             "--grace-period-s", "1", "--auth-token-file", str(tokens),
+                             "--tls-cert-file", str(certs["server_cert"]), "--tls-key-file", str(certs["server_key"]),
+                             "--tls-client-ca-file", str(certs["client_cert"])],
                             cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
-    with ClaspClient(target) as client:
-        client.wait_ready(180)  # health needs no token (probes)
-    yield dict(proc=proc, target=target, log=log, metrics_port=metrics_port)
+    with ClaspClient(target, tls=tls) as ready:
+        ready.wait_ready(180)  # health needs no token (probes)
+    yield dict(proc=proc, target=target, log=log, metrics_port=metrics_port, tls=tls, certs=certs)
     if proc.poll() is None:
         proc.terminate()
         proc.wait(30)
@@ -75,8 +105,8 @@ def error_of(call) -> grpc.RpcError:
 
 # ------------------------------------------------------------------ tokens, reflection, bytes
 def test_tokens_are_required_but_not_for_health(decoder):
-    with grpc.insecure_channel(decoder["target"]) as channel:
-        stub = pb_grpc.DecoderStub(channel)
+    with channel(decoder) as chan:
+        stub = pb_grpc.DecoderStub(chan)
         request = build_request("hi", max_new_tokens=2)
         for metadata in (None, (("authorization", "Bearer wrong-token-0123456789"),),
                          (("authorization", ALICE),)):  # no "Bearer " prefix
@@ -84,22 +114,35 @@ def test_tokens_are_required_but_not_for_health(decoder):
             assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e.details()
             e = error_of(lambda: stub.Abort(pb.AbortRequest(request_id="x"), metadata=metadata, timeout=10))
             assert e.code() == grpc.StatusCode.UNAUTHENTICATED
-        health = health_pb2_grpc.HealthStub(channel)
+        health = health_pb2_grpc.HealthStub(chan)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
         # Reflection is off unless --reflection.
-        reflect = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        reflect = chan.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
                                         request_serializer=lambda b: b, response_deserializer=lambda b: b)
         e = error_of(lambda: list(reflect(iter([b""]), metadata=(("authorization", f"Bearer {ALICE}"),), timeout=5)))
         assert e.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+def test_tls_is_required_and_mutual(decoder):
+    request = build_request("hi", max_new_tokens=2)
+    certs = decoder["certs"]
+    for attempt in (ClaspClient(decoder["target"], token=ALICE, retries=0),  # plaintext
+                    ClaspClient(decoder["target"], token=ALICE, retries=0,  # TLS without a client certificate
+                                tls=TLS(ca_file=str(certs["server_cert"])))):
+        with attempt:
+            e = error_of(lambda: list(attempt.stream(request, timeout_s=10)))
+            assert e.code() == grpc.StatusCode.UNAVAILABLE
+    with client(decoder) as alice:
+        assert alice.generate("hi", max_new_tokens=2).finish_reason in ("length", "stop")
+
+
 def test_malformed_bytes_are_invalid_argument(decoder):
     """They were UNKNOWN with grpc's internal exception name."""
     auth = (("authorization", f"Bearer {ALICE}"),)
-    with grpc.insecure_channel(decoder["target"]) as channel:
-        generate = channel.unary_stream("/clasp.v1.Decoder/Generate", request_serializer=lambda b: b,
-                                        response_deserializer=lambda b: b)
-        abort = channel.unary_unary("/clasp.v1.Decoder/Abort", request_serializer=lambda b: b,
+    with channel(decoder) as chan:
+        generate = chan.unary_stream("/clasp.v1.Decoder/Generate", request_serializer=lambda b: b,
+                                     response_deserializer=lambda b: b)
+        abort = chan.unary_unary("/clasp.v1.Decoder/Abort", request_serializer=lambda b: b,
                                     response_deserializer=lambda b: b)
         for payload in (b"\x0a\xff\xff\xff\xff", b"\xff" * 7, b"\x2a\x05ab"):
             e = error_of(lambda: list(generate(payload, metadata=auth, timeout=10)))
@@ -129,8 +172,8 @@ def test_malformed_bytes_are_invalid_argument(decoder):
 ])
 def test_out_of_bounds_fields_are_invalid_argument(decoder, kwargs, field):
     kwargs = {"prompt": "hi", **kwargs} if "messages" not in kwargs else kwargs
-    with ClaspClient(decoder["target"], token=ALICE, retries=0) as client:
-        e = error_of(lambda: list(client.stream(build_request(max_new_tokens=2, **kwargs), timeout_s=60)))
+    with client(decoder, retries=0) as alice:
+        e = error_of(lambda: list(alice.stream(build_request(max_new_tokens=2, **kwargs), timeout_s=60)))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in e.details()
 
@@ -138,8 +181,8 @@ def test_out_of_bounds_fields_are_invalid_argument(decoder, kwargs, field):
 @pytest.mark.parametrize("temperature", [1e-38, 1e-45])
 def test_denormal_temperature_is_greedy_through_grpc(decoder, engine, temperature):
     """Float32 denormals were INTERNAL (logits / T overflowed to inf)."""
-    with ClaspClient(decoder["target"], token=ALICE) as client:
-        result = client.generate("Name three rivers in Europe.", max_new_tokens=12, temperature=temperature, seed=3)
+    with client(decoder) as alice:
+        result = alice.generate("Name three rivers in Europe.", max_new_tokens=12, temperature=temperature, seed=3)
     assert result.token_ids == ar_reference(engine, "Name three rivers in Europe.", 12)
 
 
@@ -154,7 +197,7 @@ def _collect(client, request, out: dict, key: str) -> None:
 def test_abort_only_by_its_caller_queued_requests_and_unique_ids(decoder):
     """Abort of a queued request returned found=false and it later ran in full; two queued requests
     could share an id; any local process could abort another user's request."""
-    alice, bob = ClaspClient(decoder["target"], token=ALICE), ClaspClient(decoder["target"], token=BOB)
+    alice, bob = client(decoder, ALICE), client(decoder, BOB)
     out: dict = {}
     long_a = alice.stream(build_request(PROMPT, request_id="long-a", max_new_tokens=400))
     first = next(long_a)  # decoding: the one slot (max_concurrent 1) is taken
@@ -167,8 +210,8 @@ def test_abort_only_by_its_caller_queued_requests_and_unique_ids(decoder):
         wait_for(lambda: metric(decoder, "clasp_queue_depth") == 1, 60, "queued-b waiting for the slot")
         assert bob.abort("queued-b") is False and bob.abort("long-a") is False  # another identity
         assert alice.abort("queued-b", abort_secret="guessed") is False  # the same identity, wrong secret
-        with grpc.insecure_channel(decoder["target"]) as channel:  # the token but not the request's secret
-            assert pb_grpc.DecoderStub(channel).Abort(pb.AbortRequest(request_id="queued-b"), timeout=5, metadata=(
+        with channel(decoder) as chan:  # the token but not the request's secret
+            assert pb_grpc.DecoderStub(chan).Abort(pb.AbortRequest(request_id="queued-b"), timeout=5, metadata=(
                 ("authorization", f"Bearer {ALICE}"),)).found is False
         e = error_of(lambda: list(bob.stream(build_request("hi", request_id="queued-b", max_new_tokens=2))))
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in e.details()
@@ -225,8 +268,8 @@ def generate_requests(draw) -> pb.GenerateRequest:
 @given(request=generate_requests())
 def test_fuzz_generate_fields(decoder, request):
     """OK, or INVALID_ARGUMENT naming the field: never INTERNAL, UNKNOWN or a hang."""
-    with grpc.insecure_channel(decoder["target"]) as channel:
-        call = pb_grpc.DecoderStub(channel).Generate(request, timeout=60,
+    with channel(decoder) as chan:
+        call = pb_grpc.DecoderStub(chan).Generate(request, timeout=60,
                                                      metadata=(("authorization", f"Bearer {ALICE}"),))
         try:
             first = next(call)  # one round is enough: a huge max_new_tokens is cut off here
@@ -239,9 +282,9 @@ def test_fuzz_generate_fields(decoder, request):
 
 
 def test_after_the_fuzz_still_serving_and_exact(decoder, engine):
-    with ClaspClient(decoder["target"], token=ALICE) as client:
-        client.wait_ready(5)
-        result = client.generate(PROMPT, max_new_tokens=24, mode="clasp")
+    with client(decoder) as alice:
+        alice.wait_ready(5)
+        result = alice.generate(PROMPT, max_new_tokens=24, mode="clasp")
     assert result.token_ids == ar_reference(engine, PROMPT, 24)
     assert "Traceback" not in decoder["log"].read_text()
     assert "internal error" not in decoder["log"].read_text()
@@ -250,8 +293,8 @@ def test_after_the_fuzz_still_serving_and_exact(decoder, engine):
 # ------------------------------------------------------------------ shutdown (last: stops the decoder)
 def test_stream_past_the_grace_period_ends_aborted(decoder):
     """It got UNAVAILABLE with no final message, and the log blamed the client."""
-    with ClaspClient(decoder["target"], token=ALICE) as client:
-        stream = client.stream(build_request(PROMPT, max_new_tokens=400))
+    with client(decoder) as alice:
+        stream = alice.stream(build_request(PROMPT, max_new_tokens=400))
         messages = [next(stream)]
         decoder["proc"].send_signal(signal.SIGTERM)  # grace period 1 s; 400 tokens take far longer
         messages.extend(stream)

@@ -20,6 +20,7 @@ from clasp.plan_exchange import PLAN_REQUEST_STREAM, PLANNER_GROUP, plan_key
 from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
 from clients.sdk import AsyncClaspClient, ClaspClient, build_request
+from decoder_service.security import REDIS_USER, redis_acl_rules
 
 REPO = Path(__file__).resolve().parents[1]
 REDIS_SERVER = Path(sys.executable).parent / "redis-server"
@@ -50,7 +51,8 @@ class Redis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen([str(REDIS_SERVER), "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--requirepass", PASSWORD, "--save", "", "--appendonly", "no",
+                                      "--requirepass", PASSWORD, "--user", REDIS_USER, *redis_acl_rules(PASSWORD),
+                                      "--save", "", "--appendonly", "no",
                                       "--dir", str(self.tmp)], stdout=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, password=PASSWORD)
         wait_for(lambda: _pings(client), 20, "redis")
@@ -70,8 +72,9 @@ def _pings(client) -> bool:
 
 class Service:
     def __init__(self, module: str, args: list[str], log: Path, redis_port: int) -> None:
-        env = {**os.environ, "CLASP_REDIS_PASSWORD": PASSWORD, "CLASP_THREADS": "1", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(REPO)}
+        # The services log in as the ACL user (only their commands and keys); the tests as the admin.
+        env = {**os.environ, "CLASP_REDIS_PASSWORD": PASSWORD, "CLASP_REDIS_USERNAME": REDIS_USER,
+               "CLASP_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-m", module, "--host", "127.0.0.1", "--redis-url",
                                       f"redis://127.0.0.1:{redis_port}/0", *args], cwd=REPO, env=env,
