@@ -99,12 +99,12 @@ def test_ids_that_would_shape_redis_keys_are_refused(value):
 # ------------------------------------------------------------------ one long prompt
 def test_long_prefill_yields_between_pieces_and_stays_exact(engine):
     """A 6000-token prefill held the one torch thread for 32 s; now it yields every piece."""
-    ids = engine.encode("Summarize: " + "The quick brown fox jumps over the lazy dog. " * 30)
-    params = SamplingParams(max_new_tokens=12)
+    ids = engine.encode("Summarize: " + "The quick brown fox jumps over the lazy dog. " * 12)
+    params = SamplingParams(max_new_tokens=8)
     whole = engine.generate(ids, params, ClaspConfig(mode="ar", prefill_chunk_tokens=4096)).token_ids
-    chunks = list(engine.stream(ids, params, ClaspConfig(mode="clasp", prefill_chunk_tokens=64)))
+    chunks = list(engine.stream(ids, params, ClaspConfig(mode="clasp", prefill_chunk_tokens=32)))
     empty_before_first = next(i for i, c in enumerate(chunks) if c.token_ids)
-    assert empty_before_first == math.ceil(len(ids) / 64) - 1
+    assert empty_before_first == math.ceil(len(ids) / 32) - 1 >= 3
     assert all(c.text == "" for c in chunks[:empty_before_first])
     assert chunks[-1].result.token_ids == whole
 
