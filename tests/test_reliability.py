@@ -210,3 +210,16 @@ def test_a_bad_plan_is_rejected_once(store):
     store.set(plan_key("bad-model"), _plan("bad-model", 4, [7, 8, 9]))  # a good plan next: adopted
     bus._refresh_plans()
     assert bus.latest("bad-model")[2].skip_sets[3] == frozenset({7, 8, 9})
+
+
+def test_the_committed_dev_password_is_refused(monkeypatch, tmp_path):
+    from decoder_service.service_common import redis_client
+
+    secret = tmp_path / "password"
+    secret.write_text("dev-only-insecure-redis-password-change-me\n")  # deploy/base/redis-password.env's
+    monkeypatch.setenv("CLASP_REDIS_PASSWORD_FILE", str(secret))
+    monkeypatch.delenv("CLASP_ALLOW_DEV_REDIS_PASSWORD", raising=False)
+    with pytest.raises(ValueError, match="dev-only"):
+        redis_client("redis://127.0.0.1:1/0")
+    monkeypatch.setenv("CLASP_ALLOW_DEV_REDIS_PASSWORD", "1")
+    assert redis_client("redis://127.0.0.1:1/0").connection_pool.connection_kwargs["password"].startswith("dev-only")
