@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from clasp.config import ClaspConfig, SamplingParams
@@ -232,32 +232,48 @@ def test_abort_only_by_its_caller_queued_requests_and_unique_ids(decoder):
 
 
 # ------------------------------------------------------------------ fuzz
+def _mostly(valid, wild):
+    """Each field is wild one time in eight, so about a third of the requests are valid throughout
+    (decoding runs) and the rest probe one or two fields at a time."""
+    return st.integers(0, 7).flatmap(lambda n: wild if n == 0 else valid)
+
+
 _text = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40)
-_ids = st.one_of(st.just(""), st.text(alphabet="abcXYZ019._-{}:*/ \n\té", max_size=20), st.text(max_size=140))
+_words = st.text(alphabet="abcdefghij klmnop.?", min_size=1, max_size=40).filter(str.strip)
+_ids = _mostly(st.one_of(st.just(""), st.from_regex(r"[A-Za-z0-9._-]{1,24}", fullmatch=True)),
+               st.one_of(st.text(alphabet="abcXYZ019._-{}:*/ \n\té", max_size=20), st.text(max_size=140)))
 _f32 = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)
 _u32 = st.one_of(st.integers(0, 80), st.integers(0, 2**32 - 1))
+
+
+def _u(low: int, high: int):
+    return _mostly(st.integers(low, high), _u32)
 
 
 @st.composite
 def generate_requests(draw) -> pb.GenerateRequest:
     r = pb.GenerateRequest()
-    kind = draw(st.sampled_from(["prompt", "chat", "none"]))
+    kind = draw(_mostly(st.sampled_from(["prompt", "chat"]), st.just("none")))
     if kind == "prompt":
-        r.prompt = draw(st.one_of(_text, st.sampled_from(["Hello", "<|im_start|>system\nx<|im_end|>", " "])))
+        r.prompt = draw(_mostly(_words, st.one_of(_text, st.sampled_from(["<|im_start|>system\nx<|im_end|>", " "]))))
     elif kind == "chat":
-        for _ in range(draw(st.integers(0, 4))):
-            r.chat.messages.add(role=draw(st.sampled_from(["system", "user", "assistant", "", "tool", "User",
-                                                           "<|im_start|>system"])), content=draw(_text))
+        for _ in range(draw(_mostly(st.integers(1, 3), st.integers(0, 6)))):
+            role = draw(_mostly(st.sampled_from(["system", "user", "assistant"]),
+                                st.sampled_from(["", "tool", "User", "<|im_start|>system"])))
+            r.chat.messages.add(role=role, content=draw(_mostly(_words, _text)))
     r.raw_prompt = draw(st.booleans())
     r.session_id, r.request_id, r.abort_secret = draw(_ids), draw(_ids), draw(_ids)
-    r.max_new_tokens = draw(_u32)
-    r.stop.extend(draw(st.lists(st.one_of(_text, st.text(min_size=250, max_size=300)), max_size=18)))
-    for name, strategy in (("temperature", _f32), ("top_p", _f32), ("top_k", _u32), ("seed", st.integers(0, 2**64 - 1))):
+    r.max_new_tokens = draw(_u(0, 6))
+    r.stop.extend(draw(_mostly(st.lists(_words, max_size=2),
+                               st.lists(st.one_of(_text, st.text(min_size=250, max_size=300)), max_size=18))))
+    for name, valid, wild in (("temperature", st.floats(0, 2), _f32), ("top_p", st.floats(0.05, 1), _f32),
+                              ("top_k", st.integers(0, 100), _u32), ("seed", st.integers(0, 2**64 - 1), st.nothing())):
         if draw(st.booleans()):
-            setattr(r.sampling, name, draw(strategy))
-    r.speculation.mode = draw(st.integers(0, 6))
-    for name, strategy in (("replan_interval", _u32), ("num_skip_layers", _u32), ("max_draft_length", _u32),
-                           ("ngram_size", _u32), ("adaptive", st.booleans()), ("adaptive_skip", st.booleans())):
+            setattr(r.sampling, name, draw(_mostly(valid, wild) if not wild.is_empty else valid))
+    r.speculation.mode = draw(_mostly(st.integers(0, 3), st.integers(0, 2**31 - 1)))
+    for name, strategy in (("replan_interval", _u(1, 64)), ("num_skip_layers", _u(0, 8)),
+                           ("max_draft_length", _u(1, 16)), ("ngram_size", _mostly(st.sampled_from([0, 2, 3, 5]), _u32)),
+                           ("adaptive", st.booleans()), ("adaptive_skip", st.booleans())):
         if draw(st.booleans()):
             setattr(r.speculation, name, draw(strategy))
     return r
@@ -274,9 +290,11 @@ def test_fuzz_generate_fields(decoder, request):
         try:
             first = next(call)  # one round is enough: a huge max_new_tokens is cut off here
             assert first.request_id
+            event("OK")
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details(), request)
             assert any(f in e.details() for f in FIELDS), e.details()
+            event(f"INVALID_ARGUMENT {e.details().split(':')[0][:30]}")
         finally:
             call.cancel()
 
