@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import os
 
 import pytest
 import redis
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from clasp.config import MAX_DRAFT_LENGTH, ClaspConfig, SamplingParams
@@ -223,3 +226,82 @@ def test_the_committed_dev_password_is_refused(monkeypatch, tmp_path):
         redis_client("redis://127.0.0.1:1/0")
     monkeypatch.setenv("CLASP_ALLOW_DEV_REDIS_PASSWORD", "1")
     assert redis_client("redis://127.0.0.1:1/0").connection_pool.connection_kwargs["password"].startswith("dev-only")
+
+
+# ------------------------------------------------------------------ fuzz of the Redis payloads
+FUZZ_EXAMPLES = int(os.environ.get("CLASP_FUZZ_EXAMPLES", "30"))
+_layers = st.lists(st.integers(0, 2**32 - 1), max_size=8)
+
+
+@st.composite
+def stored_plans(draw) -> bytes:
+    """What a plan key may hold: random bytes, or a Plan with any field wild."""
+    if draw(st.integers(0, 4)) == 0:
+        return draw(st.binary(max_size=200))
+    sets = draw(st.one_of(st.just([list(range(j)) for j in range(4)]), st.lists(_layers, max_size=5)))
+    plan = pb.Plan(session_id=draw(st.sampled_from(["fuzzed", "other", ""])), version=draw(st.integers(0, 2**64 - 1)),
+                   model=draw(st.sampled_from([MODEL, "another:30x576:49152", ""])),
+                   num_layers=draw(st.sampled_from([30, 0, 31, 2**32 - 1])),
+                   skip_sets=[pb.SkipSet(layers=s) for s in sets],
+                   scores=draw(st.lists(st.floats(width=32), min_size=len(sets), max_size=len(sets))),
+                   step=draw(st.integers(0, 2**64 - 1)), created_at=draw(st.floats(allow_nan=True)))
+    return plan.SerializeToString()
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=stored_plans())
+def test_fuzz_plan_keys(store, raw):
+    """Whatever a plan key holds, the bus neither raises nor adopts anything but a valid plan."""
+    bus = PlanBus(store, MODEL, 30, metrics=DecoderMetrics(CollectorRegistry()))
+    bus.watch("fuzzed")
+    store.set(plan_key("fuzzed"), raw)
+    bus._refresh_plans()
+    adopted = bus.latest("fuzzed")
+    if adopted is not None:
+        plan = adopted[2]
+        assert [len(s) for s in plan.skip_sets] == list(range(len(plan.skip_sets)))
+        assert all(i < 30 for s in plan.skip_sets for i in s)
+
+
+@st.composite
+def stream_entries(draw, engine) -> dict:
+    """A plan-request stream entry: random fields, random bytes, or a PlanRequest with wild fields."""
+    spec = engine.runner.spec
+    kind = draw(st.integers(0, 5))
+    if kind == 0:
+        return {draw(st.sampled_from([b"request", b"other"])): draw(st.binary(max_size=100))}
+    shape = draw(st.sampled_from([(spec.num_layers + 1, spec.hidden_size), (2, 3), (spec.num_layers + 1, 1)]))
+    hidden = torch.randn(shape)
+    if draw(st.booleans()):
+        hidden[0, 0] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    ids = draw(st.lists(st.integers(0, spec.vocab_size + 10), min_size=0, max_size=12))
+    message = pb.PlanRequest(session_id=draw(st.sampled_from(["fz-1", "fz-2", "x}:y", ""])),
+                             model=draw(st.sampled_from([engine.identity, "other"])), step=draw(st.integers(0, 2**64 - 1)),
+                             position=draw(st.one_of(st.just(max(len(ids) - 1, 0)), st.integers(0, 2**32 - 1))),
+                             token_ids=ids, max_skip=draw(st.integers(0, 40)),
+                             hidden_states=encode_tensor(hidden) if kind > 1 else draw(st.binary(max_size=64)))
+    return {b"request": message.SerializeToString()}
+
+
+def test_fuzz_plan_request_stream(engine, store, admin):
+    """Whatever the stream holds, the planner acknowledges every entry and keeps planning."""
+    worker = PlannerWorker(store, SessionContexts(engine.runner, 4), engine.identity, "fuzz",
+                           PlannerMetrics(CollectorRegistry()))
+    try:
+        store.xgroup_create(PLAN_REQUEST_STREAM, PLANNER_GROUP, id="0", mkstream=True)
+    except redis.ResponseError:
+        pass
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None)
+    @given(entries=st.lists(stream_entries(engine), min_size=1, max_size=3))
+    def one_batch(entries):
+        for fields in entries:
+            store.xadd(PLAN_REQUEST_STREAM, fields)
+        worker._process(worker._read())
+        assert _pending(admin) == 0
+
+    one_batch()
+    store.xadd(PLAN_REQUEST_STREAM, {"request": _plan_request(engine, "after-fuzz")})
+    worker._process(worker._read())
+    assert store.get(plan_key("after-fuzz")) is not None
