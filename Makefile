@@ -92,8 +92,9 @@ test: setup  ## the test suite (real model, Redis and gRPC; no mocks)
 	$(PY) -m pytest -q tests
 
 FUZZ_EXAMPLES ?= 500
-fuzz: setup  ## the hypothesis fuzz of every GenerateRequest field against a real decoder, longer (FUZZ_EXAMPLES=500)
-	CLASP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_service_hardening.py -k "fuzz or still_serving"
+fuzz: setup  ## hypothesis fuzz, longer: every GenerateRequest field against a real decoder, plan keys, stream entries (FUZZ_EXAMPLES=500)
+	CLASP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_service_hardening.py tests/test_reliability.py \
+	  -k "fuzz or still_serving" --hypothesis-show-statistics
 
 LOAD_ARGS ?=
 load: setup  ## bounded loopback load test + soak: latency percentiles, errors by code, exactness, RSS, Redis keys
