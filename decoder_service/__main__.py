@@ -9,7 +9,7 @@ import grpc
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from clasp.config import DRAFT_DTYPE_CHOICES, FUSED_DRAFT, FUSED_DRAFT_HELP, PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig
+from clasp.config import DRAFT_DTYPE_CHOICES, DRAFT_KERNEL_HELP, DRAFT_KERNELS, FUSED_DRAFT, FUSED_DRAFT_HELP, PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig
 from clasp.engine import Engine
 from clasp.model_runner import single_row_choices
 from clasp_serve.v1 import clasp_pb2
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=PACK_WEIGHTS_HELP + " [CLASP_PACK_WEIGHTS]")
     p.add_argument("--fused-draft", default=env("FUSED_DRAFT", "auto"), choices=list(FUSED_DRAFT),
                    help=FUSED_DRAFT_HELP + " [CLASP_FUSED_DRAFT]")
+    p.add_argument("--draft-kernel", default=env("DRAFT_KERNEL", "auto"), choices=("auto",) + DRAFT_KERNELS,
+                   help=DRAFT_KERNEL_HELP + " [CLASP_DRAFT_KERNEL]")
     p.add_argument("--max-concurrent", type=int, default=int(env("MAX_CONCURRENT", 2)),
                    help="streams decoding at once [CLASP_MAX_CONCURRENT]")
     p.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", 16)),
@@ -85,7 +87,8 @@ async def serve(args: argparse.Namespace) -> None:
                          draft_dtype=None if args.draft_dtype in (None, "none") else args.draft_dtype)
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(torch_thread, Engine.load, args.model, config, args.device, args.dtype,
-                                        PACK_WEIGHTS[args.pack_weights], FUSED_DRAFT[args.fused_draft])
+                                        PACK_WEIGHTS[args.pack_weights], FUSED_DRAFT[args.fused_draft],
+                                        None if args.draft_kernel == "auto" else args.draft_kernel)
     bus = None
     if args.redis_url:
         bus = PlanBus(redis_client(args.redis_url), engine.identity, engine.runner.spec.num_layers, metrics=metrics)
@@ -93,7 +96,8 @@ async def serve(args: argparse.Namespace) -> None:
     servicer.attach(engine, bus)
     await loop.run_in_executor(torch_thread, servicer.warm_up)
     await set_serving(health, [SERVICE], True)
-    log.info("serving", model=engine.identity, redis=bool(bus), fused_draft=engine.runner.fused_draft is not None,
+    log.info("serving", model=engine.identity, redis=bool(bus),
+             draft_kernel=engine.draft_kernel.as_dict() if engine.draft_kernel else None,
              packed_weights_mib=engine.runner.packed_nbytes >> 20,
              packed_from_rows=engine.runner.packed_min_rows, single_row_as_two=single_row_choices())
 
