@@ -11,7 +11,7 @@ PROMPT ?= Explain in three sentences why the sky is blue.
 BENCH ?= quick
 BENCH_ARGS ?=
 
-.PHONY: help setup proto kernels start run stop demo-engine test bench bench-service bench-sampling bench-loi bench-planner bench-all image image-gpu deploy deploy-check clean distclean
+.PHONY: help setup proto kernels start run stop demo-engine test bench bench-service bench-sampling bench-loi bench-kernels bench-planner bench-all image image-gpu deploy deploy-check clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -122,10 +122,13 @@ bench-sampling: setup  ## engine benchmark sampled at temperature 0.7 and 1.0 (a
 bench-loi: setup  ## engine benchmark: DP re-planned every 32, 64 or 128 rounds (draft copy, M=6)
 	$(PY) benchmarks/bench_engine.py --methods ar,clasp_m6_loi32,clasp_m6_loi64,clasp_m6_loi128 --name loi $(BENCH_ARGS)
 
+bench-kernels: setup  ## engine benchmark: clasp with each int8 CPU draft kernel forced, beside the load-time choice and ar
+	$(PY) benchmarks/bench_engine.py --methods ar,clasp,clasp_fused_vnni,clasp_fused_avx2,clasp_fused_portable,clasp_torch_draft,clasp_torch_7bit --name kernels $(BENCH_ARGS)
+
 bench-planner: setup  ## DP time per plan vs context length, M and layers
 	$(PY) benchmarks/bench_planner.py $(BENCH_ARGS)
 
-bench-all: bench bench-service bench-sampling bench-loi bench-planner  ## every benchmark above, one after another
+bench-all: bench bench-service bench-sampling bench-loi bench-kernels bench-planner  ## every benchmark above, one after another
 
 clean:  ## remove caches of Python and pytest
 	rm -rf .pytest_cache $$(find . -name __pycache__ -not -path './.venv/*')
