@@ -132,7 +132,7 @@ image-gpu:  ## build the CUDA image (tag suffix -cuda)
 	$(IMAGE_BUILD) --build-arg TORCH_INDEX_URL=$(or $(TORCH_INDEX_URL),https://download.pytorch.org/whl/cu128) \
 	  -t $(IMAGE)-cuda .
 
-image-test: $(GEN)  ## build the image with podman, run it read-only as non-root, generate, scrape, SIGTERM (~5 min cold)
+image-test: $(GEN)  ## build the image with podman, run it read-only as non-root, generate, scrape, SIGTERM (5-10 min cold)
 	bash deploy/image_test.sh
 
 deploy:  ## kubectl apply -k deploy/overlays/$(OVERLAY) (OVERLAY=cpu|gpu)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make image-test: build the image with podman and run it the way a pod does.   (~5 min cold)
+# make image-test: build the image with podman and run it the way a pod does.   (5-10 min cold, ~3 warm)
 #
 # Self-contained for a Debian host with no container registry and no Docker daemon:
 #   1. podman, runc and debootstrap from apt when missing; CONTAINERS_CONF=deploy/podman/containers.conf;
@@ -10,11 +10,13 @@
 #      mounted for the build only, so pip takes the local CPU torch wheel;
 #   4. deploy/image_test.py: runs the image read-only, as non-root, with every capability dropped,
 #      the gRPC and metrics ports published on 127.0.0.1 only; waits for SERVING, generates once,
-#      scrapes the metrics, sends SIGTERM and checks a clean exit; removes the container.
+#      scrapes the metrics, sends SIGTERM and checks a clean exit; removes its containers.
+# The image stays (as after `make image`), so the next run's build is all cache hits; REMOVE_IMAGE=1
+# removes it. `podman image prune` drops superseded layers, `podman rmi BASE_IMAGE` the base.
 #
 # Environment: IMAGE (default clasp-serve:image-test), BASE_IMAGE (default
 # localhost/clasp-base:bookworm), DEBIAN_MIRROR, WHEELS_DIR (default /opt/wheels),
-# HOST_CA_BUNDLE (default /etc/ssl/certs/ca-certificates.crt), KEEP_IMAGE=1 keeps the image.
+# HOST_CA_BUNDLE (default /etc/ssl/certs/ca-certificates.crt), REMOVE_IMAGE.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -71,5 +73,5 @@ podman image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "image size %.
 step "run $IMAGE"
 status=0
 "$PY" deploy/image_test.py --engine podman --image "$IMAGE" || status=$?
-if [[ -z "${KEEP_IMAGE:-}" ]]; then podman rmi -f "$IMAGE" >/dev/null || true; fi
+if [[ -n "${REMOVE_IMAGE:-}" ]]; then podman rmi -f "$IMAGE" >/dev/null || true; fi
 exit "$status"

@@ -114,4 +114,40 @@ def test_listen_addresses():
     assert metrics_address("127.0.0.1") == "127.0.0.1"
     assert metrics_address("::1") == metrics_address("[::1]") == "::1"
     # A wildcard: dual-stack where the kernel has IPv6, else every IPv4 interface.
-    assert metrics_address("0.0.0.0") == metrics_address("[::]") == ("::" if socket.has_ipv6 else "0.0.0.0")
+    kernel_has_ipv6 = Path("/proc/net/if_inet6").exists()
+    assert metrics_address("0.0.0.0") == metrics_address("[::]") == ("::" if kernel_has_ipv6 else "0.0.0.0")
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it has exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_make_stop_returns_once_the_services_have_exited(tmp_path):
+    """`make stop` waits for the drain instead of reporting "stopped" while they still run."""
+    draining = ("import signal, sys, threading\n"
+                "def term(*_):\n    threading.Event().wait(1.5)\n    sys.exit(0)\n"
+                "signal.signal(signal.SIGTERM, term)\nprint('up', flush=True)\nthreading.Event().wait(60)\n")
+    pids = {}
+    for name in ("decoder", "planner"):
+        # Detached, as `make start` leaves them: not this process's children, so nothing here reaps them.
+        ready = tmp_path / f"{name}.ready"
+        subprocess.run(["sh", "-c", f'"$0" -c "$1" > {ready} & echo $! > {tmp_path}/{name}.pid',
+                        sys.executable, draining], check=True, timeout=10)
+        wait_for(lambda: ready.exists() and ready.read_text() == "up\n", 20, f"{name} handler installed")
+        pids[name] = int((tmp_path / f"{name}.pid").read_text())
+    try:
+        out = subprocess.run(["make", "--no-print-directory", "stop", f"RUN={tmp_path}"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert not any(alive(pid) for pid in pids.values()), out.stdout  # make has returned: both exited
+        assert out.stdout.splitlines() == ["stopping decoder (draining)", "stopping planner (draining)",
+                                           "stopped decoder", "stopped planner"]
+        assert not list(tmp_path.glob("*.pid"))
+    finally:
+        for pid in pids.values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
