@@ -40,7 +40,8 @@ command -v debootstrap >/dev/null || missing+=(debootstrap)
 if ((${#missing[@]})); then
     echo "installing with apt: ${missing[*]}"
     apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # With recommends: iptables (netavark's NAT for the build network and published ports), buildah.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 podman --version
 
