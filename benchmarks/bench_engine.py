@@ -612,12 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(m in KERNEL_METHODS for m in methods):
         runnable = set(draft_kernels.available(engine.runner)) if engine.draft_kernel else set()
         missing = [m for m in methods if m in KERNEL_METHODS and KERNEL_METHODS[m] not in runnable]
-        if missing and args.methods == ",".join(DEFAULT_METHODS):  # a default, not asked for: leave it out
+        if missing:  # a kernel this CPU (or a non-int8 draft) cannot run is a fact of the machine, not an error
             methods = [m for m in methods if m not in missing]
-            print(f"draft kernels not available here: leaving out {','.join(missing)}", file=sys.stderr)
-        elif missing:
-            raise SystemExit(f"--methods: {','.join(missing)} need draft kernels this machine or engine cannot run "
-                             f"(an int8 draft on CPU; available: {','.join(sorted(runnable)) or 'none'})")
+            print(f"draft kernels not available here (available: {','.join(sorted(runnable)) or 'none'}): "
+                  f"leaving out {','.join(missing)}", file=sys.stderr)
         copies = DraftCopies(engine.runner, engine.draft_kernel.chosen if engine.draft_kernel else None)
     runners = build_runners(methods, engine, config, hf_model, early_exit_layer, args.temperature, copies)
 

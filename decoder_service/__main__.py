@@ -14,8 +14,9 @@ from clasp.engine import Engine
 from clasp.model_runner import single_row_choices
 from clasp_serve.v1 import clasp_pb2
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
-from decoder_service.service_common import (ErrorInterceptor, add_health_and_reflection, env, redis_client,
-                                            run_service, set_serving, torch_executor, wait_for_stop_signal)
+from decoder_service.service_common import (ErrorInterceptor, StopSignal, StoppedBeforeReady,
+                                            add_health_and_reflection, env, listen_address, metrics_address,
+                                            redis_client, run_service, set_serving, torch_executor)
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.plan_bus import PlanBus
 from decoder_service.server import DecoderServicer
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         "CLaSp decoder: streams generations over gRPC (clasp.v1.Decoder), drafting with a layer-skipped copy "
         "of the model; publishes re-plan requests to Redis and adopts the planner's plans without waiting."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="listen address [CLASP_HOST]")
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"),
+                   help="listen address of gRPC and metrics; 0.0.0.0 or :: for every interface (pods) [CLASP_HOST]")
     p.add_argument("--port", type=int, default=int(env("DECODER_PORT", 50051)), help="gRPC port [CLASP_DECODER_PORT]")
     p.add_argument("--metrics-port", type=int, default=int(env("DECODER_METRICS_PORT", 9091)),
                    help="Prometheus HTTP port, 0 to disable [CLASP_DECODER_METRICS_PORT]")
@@ -68,40 +70,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    stop = StopSignal()
     registry = CollectorRegistry()
     metrics = DecoderMetrics(registry)
     if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.host, registry=registry)
+        start_http_server(args.metrics_port, addr=metrics_address(args.host), registry=registry)
     server = grpc.aio.server(interceptors=[ErrorInterceptor()])
     health = add_health_and_reflection(server, [SERVICE])
     torch_thread = torch_executor()
     servicer = DecoderServicer(metrics, args.max_concurrent, args.max_queue, args.max_new_tokens, torch_thread)
     pb_grpc.add_DecoderServicer_to_server(servicer, server)
     await set_serving(health, [SERVICE], False)
-    bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    bound = server.add_insecure_port(listen_address(args.host, args.port))
     await server.start()
-    log.info("listening; loading model", port=bound, model=args.model or "embedded")
+    log.info("listening; loading model", host=args.host, port=bound, model=args.model or "embedded")
 
     config = ClaspConfig(mode=args.mode, num_skip_layers=None if args.num_skip_layers is None else int(args.num_skip_layers),
                          replan_interval=args.replan_interval, max_draft_length=args.max_draft_length,
                          draft_dtype=None if args.draft_dtype in (None, "none") else args.draft_dtype)
     loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(torch_thread, Engine.load, args.model, config, args.device, args.dtype,
-                                        PACK_WEIGHTS[args.pack_weights], FUSED_DRAFT[args.fused_draft],
-                                        None if args.draft_kernel == "auto" else args.draft_kernel)
     bus = None
-    if args.redis_url:
-        bus = PlanBus(redis_client(args.redis_url), engine.identity, engine.runner.spec.num_layers, metrics=metrics)
-        bus.start()
-    servicer.attach(engine, bus)
-    await loop.run_in_executor(torch_thread, servicer.warm_up)
+    try:
+        engine = await stop.unless_stopped(loop.run_in_executor(
+            torch_thread, Engine.load, args.model, config, args.device, args.dtype, PACK_WEIGHTS[args.pack_weights],
+            FUSED_DRAFT[args.fused_draft], None if args.draft_kernel == "auto" else args.draft_kernel))
+        if args.redis_url:
+            bus = PlanBus(redis_client(args.redis_url), engine.identity, engine.runner.spec.num_layers, metrics=metrics)
+            bus.start()
+        servicer.attach(engine, bus)
+        await stop.unless_stopped(loop.run_in_executor(torch_thread, servicer.warm_up))
+    except StoppedBeforeReady:
+        await server.stop(0)
+        if bus is not None:
+            bus.stop()
+        raise
     await set_serving(health, [SERVICE], True)
     log.info("serving", model=engine.identity, redis=bool(bus),
              draft_kernel=engine.draft_kernel.as_dict() if engine.draft_kernel else None,
              packed_weights_mib=engine.runner.packed_nbytes >> 20,
              packed_from_rows=engine.runner.packed_min_rows, single_row_as_two=single_row_choices())
 
-    await wait_for_stop_signal()
+    await stop.wait()
     log.info("draining", grace_period_s=args.grace_period_s, in_flight=servicer.in_flight())
     # Health turns NOT_SERVING and new streams get UNAVAILABLE, while the server still answers
     # probes; in-flight streams get the grace period to finish, then the rest are cancelled.
