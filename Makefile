@@ -11,7 +11,7 @@ PROMPT ?= Explain in three sentences why the sky is blue.
 BENCH ?= quick
 BENCH_ARGS ?=
 
-.PHONY: help setup proto kernels start run stop demo-engine test fuzz load bench bench-service bench-sampling bench-loi bench-planner bench-all image image-gpu deploy deploy-check clean distclean
+.PHONY: help setup proto kernels start run stop demo-engine test fuzz load bench bench-service bench-sampling bench-loi bench-kernels bench-planner bench-all image image-gpu image-test deploy deploy-check clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -80,10 +80,20 @@ start: setup  ## start Redis, the planner and the decoder in the background; wai
 run: start  ## set up, start everything, stream a demo through clients/cli.py
 	$(PY) clients/cli.py --target 127.0.0.1:$(DECODER_PORT) --session demo --max-new-tokens 200 "$(PROMPT)"
 
-stop:  ## stop exactly what `make start`/`make run` started
-	@for name in decoder planner; do \
-	  if test -f $(RUN)/$$name.pid; then kill $$(cat $(RUN)/$$name.pid) 2>/dev/null && echo "stopped $$name"; rm -f $(RUN)/$$name.pid; fi; done
-	@if test -f $(RUN)/redis.pid; then kill $$(cat $(RUN)/redis.pid) 2>/dev/null && echo "stopped redis"; rm -f $(RUN)/redis.pid; fi
+# SIGTERM to the decoder and the planner together (each drains its in-flight work), wait until
+# both have exited, then Redis. SIGKILL after STOP_TIMEOUT_S, as the kubelet does after
+# terminationGracePeriodSeconds.
+STOP_TIMEOUT_S ?= 30
+stop:  ## stop exactly what `make start`/`make run` started; returns once each has exited
+	@declare -A pid; for n in decoder planner redis; do test -f $(RUN)/$$n.pid && pid[$$n]=$$(cat $(RUN)/$$n.pid); done; \
+	stop_wait() { local t=0; while kill -0 $$2 2>/dev/null; do \
+	    if ((t >= $(STOP_TIMEOUT_S) * 10)); then kill -9 $$2; echo "killed $$1 (still running after $(STOP_TIMEOUT_S) s)"; return; fi; \
+	    sleep 0.1; t=$$((t + 1)); done; echo "stopped $$1"; }; \
+	running=(); for n in decoder planner; do \
+	  test -n "$${pid[$$n]:-}" && kill $${pid[$$n]} 2>/dev/null && running+=($$n) && echo "stopping $$n (draining)"; done; \
+	for n in "$${running[@]}"; do stop_wait $$n $${pid[$$n]}; done; rm -f $(RUN)/decoder.pid $(RUN)/planner.pid; \
+	if test -n "$${pid[redis]:-}" && kill $${pid[redis]} 2>/dev/null; then stop_wait redis $${pid[redis]}; fi; \
+	rm -f $(RUN)/redis.pid
 
 demo-engine: setup  ## stream a demo from the engine CLI alone (no services)
 	$(PY) -m clasp generate --prompt "$(PROMPT)" --max-new-tokens 200 --stats
@@ -112,11 +122,30 @@ $(VENV)/.deploy-tools:
 	$(PIP) install -q kubernetes-validate==1.37.0 yamllint==1.38.0
 	touch $@
 
-image:  ## build the container image (CPU torch)
-	docker build -f deploy/Dockerfile -t $(IMAGE) .
+# Build settings (deploy/README.md): CONTAINER_ENGINE=docker|podman; BASE_IMAGE replaces
+# python:3.11-slim; TORCH_INDEX_URL where torch comes from; WHEELS_DIR (podman only) local wheels
+# mounted at /wheels for the build; HOST_CA_BUNDLE a CA bundle pip trusts during the build (with
+# deploy/podman/pip.conf). None of them ends up in the image.
+CONTAINER_ENGINE ?= docker
+BASE_IMAGE ?=
+TORCH_INDEX_URL ?=
+WHEELS_DIR ?=
+HOST_CA_BUNDLE ?=
+IMAGE_BUILD = $(CONTAINER_ENGINE) build -f deploy/Dockerfile \
+  $(if $(BASE_IMAGE),--build-arg PYTHON_IMAGE=$(BASE_IMAGE)) \
+  $(if $(WHEELS_DIR),-v $(abspath $(WHEELS_DIR)):/wheels:ro) \
+  $(if $(HOST_CA_BUNDLE),--secret id=host-ca$(,)src=$(HOST_CA_BUNDLE) --secret id=pip.conf$(,)src=deploy/podman/pip.conf)
+, := ,
+
+image:  ## build the container image (CPU torch; CONTAINER_ENGINE=docker|podman)
+	$(IMAGE_BUILD) $(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL)) -t $(IMAGE) .
 
 image-gpu:  ## build the CUDA image (tag suffix -cuda)
-	docker build -f deploy/Dockerfile -t $(IMAGE)-cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+	$(IMAGE_BUILD) --build-arg TORCH_INDEX_URL=$(or $(TORCH_INDEX_URL),https://download.pytorch.org/whl/cu128) \
+	  -t $(IMAGE)-cuda .
+
+image-test: $(GEN)  ## build the image with podman, run it read-only as non-root, generate, scrape, SIGTERM (5-10 min cold)
+	bash deploy/image_test.sh
 
 deploy:  ## kubectl apply -k deploy/overlays/$(OVERLAY) (OVERLAY=cpu|gpu)
 	kubectl apply -k deploy/overlays/$(OVERLAY)
@@ -134,10 +163,13 @@ bench-sampling: setup  ## engine benchmark sampled at temperature 0.7 and 1.0 (a
 bench-loi: setup  ## engine benchmark: DP re-planned every 32, 64 or 128 rounds (draft copy, M=6)
 	$(PY) benchmarks/bench_engine.py --methods ar,clasp_m6_loi32,clasp_m6_loi64,clasp_m6_loi128 --name loi $(BENCH_ARGS)
 
+bench-kernels: setup  ## engine benchmark: clasp with each int8 CPU draft kernel forced, beside the load-time choice and ar
+	$(PY) benchmarks/bench_engine.py --methods ar,clasp,clasp_fused_vnni,clasp_fused_avx2,clasp_fused_portable,clasp_torch_draft,clasp_torch_7bit --name kernels $(BENCH_ARGS)
+
 bench-planner: setup  ## DP time per plan vs context length, M and layers
 	$(PY) benchmarks/bench_planner.py $(BENCH_ARGS)
 
-bench-all: bench bench-service bench-sampling bench-loi bench-planner  ## every benchmark above, one after another
+bench-all: bench bench-service bench-sampling bench-loi bench-kernels bench-planner  ## every benchmark above, one after another
 
 clean:  ## remove caches of Python and pytest
 	rm -rf .pytest_cache $$(find . -name __pycache__ -not -path './.venv/*')

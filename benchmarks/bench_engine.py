@@ -6,8 +6,12 @@ Runs, side by side in one process on the same weights and the same prompt ids:
                     control (clasp.controller) and context n-gram drafts
   ar                our engine, mode="ar" (plain autoregressive decoding, the baseline)
   clasp_fixed       clasp without the controller and n-gram drafts (always draft up to K)
-  clasp_torch_draft clasp with the int8 draft run through torch ops (fbgemm) instead of the one-call
-                    C++ kernel (clasp/cpu_draft.cpp): a second engine, loaded with fused_draft=False
+  clasp_torch_draft clasp with the int8 draft run through torch ops (fbgemm, 8-bit activations)
+                    instead of the kernel chosen at load
+  clasp_fused_vnni, clasp_fused_avx2, clasp_fused_portable, clasp_torch_7bit  clasp with the draft
+                    forced onto one kernel (clasp.draft_kernels: the one-call C++ draft in AVX-512
+                    VNNI, AVX2 or portable code; fbgemm with 7-bit activations), switched on the same
+                    engine before each run; what the load-time choice picked from is in meta.draft_kernel
   clasp_shared      mode="clasp" with the draft on the shared full-precision weights and M = half
                     the layers: the paper's regime, where the DP does the work (adaptive)
   clasp_shared_fixed  the same without the controller and with the paper's exit threshold 0.7: the
@@ -58,7 +62,10 @@ if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
     sys.path.insert(0, str(REPO))
 
 from benchmarks.chart import chart_title, render_chart  # noqa: E402
+from clasp import draft_kernels  # noqa: E402
 from clasp.config import DRAFT_DTYPE_CHOICES, ClaspConfig, SamplingParams  # noqa: E402
+from clasp.cpu_draft import cpu_flags  # noqa: E402
+from clasp.draft_kernels import DraftCopies  # noqa: E402
 from clasp.engine import Engine  # noqa: E402
 from clasp.loading import load_model, resolve_device, resolve_dtype  # noqa: E402
 
@@ -70,7 +77,11 @@ ENGINE_VARIANTS = {
     "ar": ("ar", {}),
     "clasp": ("clasp", {}),
     "clasp_fixed": ("clasp", NOT_ADAPTIVE),
-    "clasp_torch_draft": ("clasp", {}),  # on the engine loaded with fused_draft=False (TORCH_DRAFT_METHODS)
+    "clasp_torch_draft": ("clasp", {}),  # with the draft kernel of KERNEL_METHODS
+    "clasp_fused_vnni": ("clasp", {}),
+    "clasp_fused_avx2": ("clasp", {}),
+    "clasp_fused_portable": ("clasp", {}),
+    "clasp_torch_7bit": ("clasp", {}),
     "clasp_shared": ("clasp", {"draft_dtype": None}),
     "clasp_shared_adaptive_m": ("clasp", {"draft_dtype": None, "adaptive_skip": True}),
     "clasp_shared_fixed": ("clasp", {"draft_dtype": None, "draft_exit_threshold": 0.7, **NOT_ADAPTIVE}),
@@ -80,7 +91,10 @@ ENGINE_VARIANTS = {
     "static": ("static", {}),
 }
 ENGINE_METHODS = tuple(ENGINE_VARIANTS)
-TORCH_DRAFT_METHODS = ("clasp_torch_draft",)
+# Methods that force one int8 CPU draft kernel (the others use the one chosen at load).
+KERNEL_METHODS = {"clasp_torch_draft": "torch-fbgemm", "clasp_fused_vnni": "fused-avx512-vnni",
+                  "clasp_fused_avx2": "fused-avx2", "clasp_fused_portable": "fused-portable",
+                  "clasp_torch_7bit": "torch-fbgemm-7bit"}
 HF_METHODS = ("hf_greedy", "hf_prompt_lookup", "hf_early_exit")
 ALL_METHODS = ENGINE_METHODS + HF_METHODS  # run order within a question: ar first
 DEFAULT_METHODS = ("ar", "clasp", "clasp_fixed", "clasp_torch_draft", "clasp_shared", "clasp_shared_fixed") + HF_METHODS
@@ -165,15 +179,26 @@ def build_config(args: argparse.Namespace) -> ClaspConfig:
 
 
 # ---------------------------------------------------------------------- runners
-def engine_runner(engine: Engine, config: ClaspConfig, method: str,
-                  temperature: float = 0.0) -> Callable[[list[int], int], dict]:
+def engine_runner(engine: Engine, config: ClaspConfig, method: str, temperature: float = 0.0,
+                  copies: DraftCopies | None = None) -> Callable[[list[int], int], dict]:
     """A function (prompt ids, max new tokens) -> row fields, for one of ENGINE_VARIANTS.
-    Sampling (temperature > 0) is seeded by the prompt's length, the same for every method."""
+    Sampling (temperature > 0) is seeded by the prompt's length, the same for every method.
+    KERNEL_METHODS switch the draft kernel through `copies` and set it back after each run."""
     mode, overrides = ENGINE_VARIANTS[method]
     mode_config = dataclasses.replace(config, mode=mode, **overrides)
     num_layers = engine.runner.spec.num_layers
+    kernel = KERNEL_METHODS.get(method)
 
     def run(prompt_ids: list[int], max_new_tokens: int) -> dict:
+        if kernel is None:
+            return run_on_current_draft(prompt_ids, max_new_tokens)
+        copies.install(kernel)
+        try:
+            return run_on_current_draft(prompt_ids, max_new_tokens)
+        finally:
+            copies.install(engine.draft_kernel.chosen)
+
+    def run_on_current_draft(prompt_ids: list[int], max_new_tokens: int) -> dict:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                 seed=len(prompt_ids) if temperature > 0 else None)
         sync(engine.runner.device)
@@ -217,17 +242,15 @@ def hf_runner(model, eos_ids: list[int], pad_id: int, extra: dict) -> Callable[[
 
 
 def build_runners(methods: list[str], engine: Engine, config: ClaspConfig, hf_model, early_exit_layer: int,
-                  temperature: float = 0.0, torch_draft_engine: Engine | None = None) -> dict:
+                  temperature: float = 0.0, copies: DraftCopies | None = None) -> dict:
     runners = {}
     eos_ids = sorted(engine.eos_ids)
     pad_id = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else eos_ids[0]
     hf_extra = {"hf_greedy": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
                 "hf_early_exit": {"assistant_early_exit": early_exit_layer}}
     for method in methods:
-        if method in TORCH_DRAFT_METHODS:
-            runners[method] = engine_runner(torch_draft_engine, config, method, temperature)
-        elif method in ENGINE_METHODS:
-            runners[method] = engine_runner(engine, config, method, temperature)
+        if method in ENGINE_METHODS:
+            runners[method] = engine_runner(engine, config, method, temperature, copies)
         else:
             runners[method] = hf_runner(hf_model, eos_ids, pad_id, hf_extra[method])
     return runners
@@ -370,7 +393,7 @@ def cpu_name() -> str:
 def machine_info(device: torch.device) -> dict:
     return {"platform": platform.platform(), "processor": cpu_name(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "device": str(device),
+            "torch_threads": torch.get_num_threads(), "device": str(device), "cpu_flags": cpu_flags(),
             "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
@@ -585,18 +608,16 @@ def main(argv: list[str] | None = None) -> int:
     num_layers = engine.runner.spec.num_layers
     early_exit_layer = args.early_exit_layer or num_layers // 2
     hf_model = load_model(args.model, dtype, device)[0] if any(m in HF_METHODS for m in methods) else None
-    torch_draft_engine = None
-    if any(m in TORCH_DRAFT_METHODS for m in methods) and engine.runner.fused_draft is None:
-        if args.methods == ",".join(DEFAULT_METHODS):  # a default, not asked for: leave it out
-            methods = [m for m in methods if m not in TORCH_DRAFT_METHODS]
-            print(f"no fused CPU draft here ({device}): leaving out {','.join(TORCH_DRAFT_METHODS)}", file=sys.stderr)
-        else:
-            raise SystemExit(f"--methods: {','.join(TORCH_DRAFT_METHODS)} compares against the fused CPU draft, "
-                             "which this engine does not use (no AVX-512 VNNI, not CPU, or not an int8 draft)")
-    if any(m in TORCH_DRAFT_METHODS for m in methods):
-        torch_draft_engine = Engine.load(args.model, config, device=str(device), dtype=str(dtype).removeprefix("torch."),
-                                         fused_draft=False)
-    runners = build_runners(methods, engine, config, hf_model, early_exit_layer, args.temperature, torch_draft_engine)
+    copies = None
+    if any(m in KERNEL_METHODS for m in methods):
+        runnable = set(draft_kernels.available(engine.runner)) if engine.draft_kernel else set()
+        missing = [m for m in methods if m in KERNEL_METHODS and KERNEL_METHODS[m] not in runnable]
+        if missing:  # a kernel this CPU (or a non-int8 draft) cannot run is a fact of the machine, not an error
+            methods = [m for m in methods if m not in missing]
+            print(f"draft kernels not available here (available: {','.join(sorted(runnable)) or 'none'}): "
+                  f"leaving out {','.join(missing)}", file=sys.stderr)
+        copies = DraftCopies(engine.runner, engine.draft_kernel.chosen if engine.draft_kernel else None)
+    runners = build_runners(methods, engine, config, hf_model, early_exit_layer, args.temperature, copies)
 
     questions = load_questions(args.questions, None if args.full else args.per_category)
     print(f"{len(questions)} questions x {len(methods)} methods ({','.join(methods)}), "
@@ -625,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
             "draft_copy_mib": (engine.runner.draft_weights.nbytes() / 2**20 if engine.runner.draft_has_copy else 0.0),
             "packed_weights_mib": engine.runner.packed_nbytes / 2**20, "packed_min_rows": engine.runner.packed_min_rows,
             "fused_draft": engine.runner.fused_draft is not None,
+            "draft_kernel": engine.draft_kernel.as_dict() if engine.draft_kernel else None,
             "draft_copy_dtype": (str(config.draft_torch_dtype(engine.runner.device.type)).removeprefix("torch.")
                                  if engine.runner.draft_has_copy else None),
             "wall_seconds": time.perf_counter() - started}

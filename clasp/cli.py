@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from clasp.config import (DRAFT_DTYPE_CHOICES, FUSED_DRAFT, FUSED_DRAFT_HELP, MODES, PACK_WEIGHTS, PACK_WEIGHTS_HELP,
+from clasp.config import (DRAFT_DTYPE_CHOICES, DRAFT_KERNEL_HELP, DRAFT_KERNELS, FUSED_DRAFT, FUSED_DRAFT_HELP, MODES, PACK_WEIGHTS, PACK_WEIGHTS_HELP,
                           ClaspConfig, SamplingParams)
 
 DEFAULTS = ClaspConfig()
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--pack-weights", choices=list(PACK_WEIGHTS), default="auto", help=PACK_WEIGHTS_HELP)
     g.add_argument("--fused-draft", choices=list(FUSED_DRAFT), default="auto", help=FUSED_DRAFT_HELP)
+    g.add_argument("--draft-kernel", choices=("auto",) + DRAFT_KERNELS, default="auto", help=DRAFT_KERNEL_HELP)
     g = gen.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (exact); > 0 samples, losslessly")
@@ -99,7 +100,8 @@ def _generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     engine = Engine.load(args.model, config, device=args.device, dtype=args.dtype,
-                         pack_weights=PACK_WEIGHTS[args.pack_weights], fused_draft=FUSED_DRAFT[args.fused_draft])
+                         pack_weights=PACK_WEIGHTS[args.pack_weights], fused_draft=FUSED_DRAFT[args.fused_draft],
+                         draft_kernel=None if args.draft_kernel == "auto" else args.draft_kernel)
     prompt_ids = engine.encode(prompt, chat=not args.raw)
     result = None
     for chunk in engine.stream(prompt_ids, params):
@@ -140,7 +142,7 @@ def _build_kernels() -> int:
     for old in current.parent.glob("cpu_draft-*"):  # builds of earlier sources or torch versions
         if old != current and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
-    print(f"CPU draft kernel ready: {current} (AVX-512 VNNI: {'yes' if ext.cpu_has_vnni() else 'no'})")
+    print(f"CPU draft kernel ready: {current} (instruction sets this CPU runs: {', '.join(cpu_draft.supported_isas())})")
     return 0
 
 

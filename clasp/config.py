@@ -32,10 +32,17 @@ MAX_SAMPLING_TEMPERATURE = 1e4
 PREFILL_CHUNK_TOKENS = 512
 
 FUSED_DRAFT = {"auto": None, "on": True, "off": False}  # command-line spelling of Engine.load's fused_draft
-FUSED_DRAFT_HELP = ("run each int8 CPU draft token as one C++ call (clasp/cpu_draft.cpp, AVX-512 VNNI products): "
-                    "12 -> 5 ms per draft token on the dev CPU; compiled once into the cache directory (make setup); "
-                    "auto: on for an int8 draft of an fp32 model on a CPU with AVX-512 VNNI; on: also elsewhere, "
-                    "with portable loops")
+FUSED_DRAFT_HELP = ("which int8 CPU draft kernels may be chosen: on: the one-call C++ draft (clasp/cpu_draft.cpp, "
+                    "AVX-512 VNNI, AVX2 or portable code, compiled once by make setup); off: torch ops (fbgemm); "
+                    "auto: either. The fastest candidate that passes an accuracy check against the full model is "
+                    "chosen by timing at load")
+# The int8 CPU draft's kernels (clasp.draft_kernels): the fused C++ draft in each instruction set,
+# then torch ops over fbgemm with 8-bit or 7-bit activations.
+FUSED_DRAFT_KERNELS = ("fused-avx512-vnni", "fused-avx2", "fused-portable")
+TORCH_DRAFT_KERNELS = ("torch-fbgemm", "torch-fbgemm-7bit")
+DRAFT_KERNELS = FUSED_DRAFT_KERNELS + TORCH_DRAFT_KERNELS
+DRAFT_KERNEL_HELP = ("force one int8 CPU draft kernel instead of choosing by measurement at load ("
+                     + ", ".join(DRAFT_KERNELS) + "); auto: measure")
 
 
 @dataclasses.dataclass

@@ -5,7 +5,10 @@
 // small torch ops). Here the whole token is one call: the same arithmetic as the Python path
 // (RMSNorm, fused QKV with rotary, attention over the KV cache, SiLU-gated MLP, int8 lm_head),
 // activations quantized per tensor to asymmetric uint8 like fbgemm's dynamic quantization, and
-// int8 products on AVX-512 VNNI (vpdpbusd) where the CPU has it, a portable loop otherwise.
+// int8 products in one of three instruction sets, chosen by the caller (clasp/cpu_draft.py
+// times them at load): AVX-512 VNNI (vpdpbusd), AVX2 (bytes widened to 16 bits, vpmaddwd) or
+// portable loops. All three compute the same exact integer dot products (no saturating
+// 16-bit sums, unlike vpmaddubsw), so they differ in speed only.
 // The draft only proposes tokens: the full fp32 model verifies them, so this changes speed and
 // acceptance, never the output. See docs/performance.md.
 
@@ -21,16 +24,36 @@
 namespace {
 
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
 
-bool cpu_has_vnni() {
+// The instruction sets the kernel has code for (the Python side names them in cpu_draft.ISAS).
+enum Isa : int64_t { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };
+
+bool cpu_supports(int64_t isa) {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  switch (isa) {
+    case ISA_PORTABLE:
+      return true;
+    case ISA_AVX2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case ISA_AVX512_VNNI:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    default:
+      return false;
+  }
+}
+
+int64_t checked_isa(int64_t isa, const char* name) {
+  TORCH_CHECK(isa >= ISA_PORTABLE && isa <= ISA_AVX512_VNNI, name, ": unknown instruction set ", isa);
+  TORCH_CHECK(cpu_supports(isa), name, ": this CPU cannot run instruction set ", isa);
+  return isa;
 }
 
 // ------------------------------------------------------------------ activations
 struct QuantizedRow {
   std::vector<uint8_t> data;
+  std::vector<int16_t> wide;  // the same values as 16-bit integers, for the AVX2 products
   float scale = 1.f;
   int32_t zero = 0;
 };
@@ -46,10 +69,13 @@ void quantize(const float* x, int64_t n, QuantizedRow& out) {
   if (!(scale > 0.f) || !std::isfinite(scale)) scale = 1.f;
   const int32_t zero = std::clamp(static_cast<int32_t>(std::nearbyint(-lo / scale)), 0, 255);
   const float inv = 1.f / scale;
-  out.data.assign((n + 3) / 4 * 4, 0);  // padded to the weights' blocks of 4 inputs (zero weights there)
+  const int64_t padded = (n + 3) / 4 * 4;  // the weights' blocks of 4 inputs (zero weights there)
+  out.data.assign(padded, 0);
+  out.wide.assign(padded, 0);
   for (int64_t i = 0; i < n; ++i) {
-    const int32_t v = static_cast<int32_t>(std::nearbyint(x[i] * inv)) + zero;
-    out.data[i] = static_cast<uint8_t>(std::clamp(v, 0, 255));
+    const int32_t v = std::clamp(static_cast<int32_t>(std::nearbyint(x[i] * inv)) + zero, 0, 255);
+    out.data[i] = static_cast<uint8_t>(v);
+    out.wide[i] = static_cast<int16_t>(v);
   }
   out.scale = scale;
   out.zero = zero;
@@ -66,13 +92,13 @@ struct Int8Matrix {
   torch::Tensor rowsum;   // int32 [N]: sum_k q[n, k], for the activations' zero point
   torch::Tensor bias;     // float32 [N] or undefined
   int64_t n = 0, k = 0, k_pad = 0;
-  bool vnni = false;  // AVX-512 VNNI products (else portable loops)
+  int64_t isa = ISA_PORTABLE;  // which code computes the products (Isa)
 
   torch::Tensor forward(const torch::Tensor& x) const;  // x [T, K] float32 -> [T, N]
 };
 
 Int8Matrix make_matrix(const torch::Tensor& blocked, const torch::Tensor& scale, const torch::Tensor& rowsum,
-                       int64_t n, int64_t k, const c10::optional<torch::Tensor>& bias, bool use_vnni,
+                       int64_t n, int64_t k, const c10::optional<torch::Tensor>& bias, int64_t isa,
                        const char* name = "int8 matrix") {
   TORCH_CHECK(n > 0 && k > 0, name, ": empty matrix");
   TORCH_CHECK(blocked.scalar_type() == torch::kInt8 && blocked.is_contiguous() && blocked.dim() == 4 &&
@@ -93,7 +119,7 @@ Int8Matrix make_matrix(const torch::Tensor& blocked, const torch::Tensor& scale,
   m.n = n;
   m.k = k;
   m.k_pad = blocked.size(1) * 4;
-  m.vnni = use_vnni && cpu_has_vnni();
+  m.isa = checked_isa(isa, name);
   return m;
 }
 
@@ -149,15 +175,51 @@ VNNI_TARGET void gemv_blocks_vnni(const Int8Matrix& m, const QuantizedRow& x, in
   }
 }
 
+// The same 16-row blocks with AVX2: each 16-byte quarter of a line (4 rows x 4 inputs) is widened
+// to 16-bit and multiplied by the 4 activations (as 16-bit, repeated) with vpmaddwd, which sums
+// pairs into 32 bits without saturating; so each row collects two partial sums, added at the end.
+AVX2_TARGET void gemv_blocks_avx2(const Int8Matrix& m, const QuantizedRow& x, int64_t b0, int64_t b1, float* y) {
+  const int16_t* xw = x.wide.data();
+  const int64_t groups = m.k_pad / 4;
+  const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int8_t* w = m.blocked.data_ptr<int8_t>() + b * groups * 64;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;  // rows 0-3, 4-7, 8-11, 12-15
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m256i xg = _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(xw + g * 4)));
+      const int8_t* line = w + g * 64;
+      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(line))), xg));
+      a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(line + 16))), xg));
+      a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(line + 32))), xg));
+      a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(line + 48))), xg));
+    }
+    // hadd gives [r0 r1 r4 r5 | r2 r3 r6 r7]; the permutation puts the rows in order
+    alignas(32) int32_t dots[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(dots), _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(a0, a1), order));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(dots + 8),
+                       _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(a2, a3), order));
+    finish_block(m, x, b, dots, y);
+  }
+}
+
 // y[N] = dequantized (W @ x) (+ bias), 16-row blocks split across torch's intra-op threads.
 void gemv(const Int8Matrix& m, const QuantizedRow& x, float* y) {
   TORCH_CHECK(static_cast<int64_t>(x.data.size()) >= m.k_pad, "int8 product: input width ", x.data.size(),
               " < matrix width ", m.k_pad);
   at::parallel_for(0, m.blocked.size(0), 4, [&](int64_t b0, int64_t b1) {
-    if (m.vnni) {
-      gemv_blocks_vnni(m, x, b0, b1, y);
-    } else {
-      gemv_blocks_generic(m, x, b0, b1, y);
+    switch (m.isa) {
+      case ISA_AVX512_VNNI:
+        gemv_blocks_vnni(m, x, b0, b1, y);
+        break;
+      case ISA_AVX2:
+        gemv_blocks_avx2(m, x, b0, b1, y);
+        break;
+      default:
+        gemv_blocks_generic(m, x, b0, b1, y);
     }
   });
 }
@@ -258,6 +320,83 @@ VNNI_TARGET void attend_vnni(const float* q, const float* keys, const float* val
   for (p = 0; p < P; ++p) axpy_vnni(scores[p] * inv, values + p * hd, out, hd);
 }
 
+// exp on 8 lanes with AVX2 and FMA: the same reduction and polynomial as exp16; 2^n is built
+// in the exponent bits (n stays within [-126, 127] after the clamp).
+AVX2_TARGET inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
+}
+
+AVX2_TARGET inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+AVX2_TARGET void silu_mul_avx2(const float* gate, const float* up, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+AVX2_TARGET inline float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum8(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+AVX2_TARGET inline void axpy_avx2(float alpha, const float* x, float* y, int64_t n) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+AVX2_TARGET void attend_avx2(const float* q, const float* keys, const float* values, int64_t P, int64_t hd,
+                             float scale, float* scores, float* out) {
+  float mx = -INFINITY;
+  for (int64_t p = 0; p < P; ++p) {
+    scores[p] = dot_avx2(q, keys + p * hd, hd) * scale;
+    mx = std::max(mx, scores[p]);
+  }
+  __m256 total = _mm256_setzero_ps();
+  const __m256 m = _mm256_set1_ps(mx);
+  int64_t p = 0;
+  for (; p + 8 <= P; p += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + p), m));
+    _mm256_storeu_ps(scores + p, e);
+    total = _mm256_add_ps(total, e);
+  }
+  float sum = hsum8(total);
+  for (; p < P; ++p) {
+    scores[p] = std::exp(scores[p] - mx);
+    sum += scores[p];
+  }
+  std::fill(out, out + hd, 0.f);
+  const float inv = 1.f / sum;
+  for (p = 0; p < P; ++p) axpy_avx2(scores[p] * inv, values + p * hd, out, hd);
+}
+
 void attend_generic(const float* q, const float* keys, const float* values, int64_t P, int64_t hd, float scale,
                     float* scores, float* out) {
   float mx = -INFINITY;
@@ -288,7 +427,7 @@ struct Layer {
 class DraftModel {
  public:
   DraftModel(torch::Tensor embed, torch::Tensor final_norm, const Int8Matrix& head, int64_t num_heads,
-             int64_t num_kv_heads, int64_t head_dim, double eps, bool use_vnni)
+             int64_t num_kv_heads, int64_t head_dim, double eps, int64_t isa)
       : embed_(check_float(embed, 2, "embed")),
         final_norm_(check_float(final_norm, 1, "final_norm")),
         head_(head),
@@ -296,7 +435,7 @@ class DraftModel {
         kv_heads_(num_kv_heads),
         head_dim_(head_dim),
         eps_(static_cast<float>(eps)),
-        vnni_(use_vnni && cpu_has_vnni()) {
+        isa_(checked_isa(isa, "draft model")) {
     TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0,
                 "num_heads must be a multiple of num_kv_heads");
     TORCH_CHECK(head_dim > 0 && head_dim % 2 == 0, "head_dim must be even");
@@ -326,7 +465,15 @@ class DraftModel {
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
-  bool uses_vnni() const { return vnni_; }
+  int64_t isa() const { return isa_; }
+
+  // Switch every product and float helper to another instruction set (the weights stay as they
+  // are: every instruction set reads the same blocked layout).
+  void set_isa(int64_t isa) {
+    isa_ = checked_isa(isa, "draft model");
+    head_.isa = isa_;
+    for (Layer& l : layers_) l.qkv.isa = l.o.isa = l.gate_up.isa = l.down.isa = isa_;
+  }
 
   // Logits [1, vocab] for `token` at `position`; writes K/V of every layer not in `skip` at
   // `position` in keys[l] / values[l] ([1, kv_heads, capacity, head_dim] float32 each).
@@ -385,8 +532,10 @@ class DraftModel {
           const int64_t g = head / group;
           const float* kg = kbase + g * capacity * hd;
           const float* vg = vbase + g * capacity * hd;
-          if (vnni_) {
+          if (isa_ == ISA_AVX512_VNNI) {
             attend_vnni(qkv.data() + head * hd, kg, vg, P, hd, scale, scores.data(), attn.data() + head * hd);
+          } else if (isa_ == ISA_AVX2) {
+            attend_avx2(qkv.data() + head * hd, kg, vg, P, hd, scale, scores.data(), attn.data() + head * hd);
           } else {
             attend_generic(qkv.data() + head * hd, kg, vg, P, hd, scale, scores.data(), attn.data() + head * hd);
           }
@@ -402,8 +551,10 @@ class DraftModel {
       gemv(ly.gate_up, xq, gu.data());
       const int64_t inter = ly.gate_up.n / 2;
       act.resize(inter);
-      if (vnni_) {
+      if (isa_ == ISA_AVX512_VNNI) {
         silu_mul_vnni(gu.data(), gu.data() + inter, inter, act.data());
+      } else if (isa_ == ISA_AVX2) {
+        silu_mul_avx2(gu.data(), gu.data() + inter, inter, act.data());
       } else {
         silu_mul_generic(gu.data(), gu.data() + inter, inter, act.data());
       }
@@ -430,30 +581,33 @@ class DraftModel {
   std::vector<Layer> layers_;
   int64_t heads_, kv_heads_, head_dim_, hidden_ = 0;
   float eps_;
-  bool vnni_;
+  int64_t isa_;
 };
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "clasp: one int8 draft token per call on CPU";
-  m.def("cpu_has_vnni", &cpu_has_vnni, "whether this CPU has AVX-512 VNNI");
+  m.def("cpu_supports", &cpu_supports, py::arg("isa"),
+        "whether this CPU can run instruction set isa (0 portable, 1 AVX2, 2 AVX-512 VNNI)");
   py::class_<Int8Matrix>(m, "Int8Matrix")
       .def(py::init([](torch::Tensor blocked, torch::Tensor scale, torch::Tensor rowsum, int64_t n, int64_t k,
-                       c10::optional<torch::Tensor> bias, bool use_vnni) {
-             return make_matrix(blocked, scale, rowsum, n, k, bias, use_vnni);
+                       c10::optional<torch::Tensor> bias, int64_t isa) {
+             return make_matrix(blocked, scale, rowsum, n, k, bias, isa);
            }),
            py::arg("blocked"), py::arg("scale"), py::arg("rowsum"), py::arg("n"), py::arg("k"), py::arg("bias"),
-           py::arg("use_vnni"))
-      .def_readonly("uses_vnni", &Int8Matrix::vnni)
+           py::arg("isa"))
+      .def_property(
+          "isa", [](const Int8Matrix& m) { return m.isa; },
+          [](Int8Matrix& m, int64_t isa) { m.isa = checked_isa(isa, "int8 matrix"); })
       .def("forward", &Int8Matrix::forward, py::call_guard<py::gil_scoped_release>(), py::arg("x"));
   py::class_<DraftModel>(m, "DraftModel")
-      .def(py::init<torch::Tensor, torch::Tensor, const Int8Matrix&, int64_t, int64_t, int64_t, double, bool>(),
+      .def(py::init<torch::Tensor, torch::Tensor, const Int8Matrix&, int64_t, int64_t, int64_t, double, int64_t>(),
            py::arg("embed"), py::arg("final_norm"), py::arg("head"), py::arg("num_heads"), py::arg("num_kv_heads"),
-           py::arg("head_dim"), py::arg("eps"), py::arg("use_vnni"))
+           py::arg("head_dim"), py::arg("eps"), py::arg("isa"))
       .def("add_layer", &DraftModel::add_layer)
       .def_property_readonly("num_layers", &DraftModel::num_layers)
-      .def_property_readonly("uses_vnni", &DraftModel::uses_vnni)
+      .def_property("isa", &DraftModel::isa, &DraftModel::set_isa)
       .def("forward", &DraftModel::forward, py::call_guard<py::gil_scoped_release>(), py::arg("token"),
            py::arg("keys"), py::arg("values"), py::arg("position"), py::arg("cos"), py::arg("sin"), py::arg("skip"));
 }

@@ -5,7 +5,8 @@ A draft token through torch ops costs ~12 ms on the dev CPU with the embedded mo
 token (every non-skipped layer, the final norm and the lm_head) in one call over the same int8
 matrices. It is compiled once with torch's extension builder into the cache directory
 (`python -m clasp build-kernels`, part of `make setup`; ~1 minute) and loaded in milliseconds
-after that. It only ever proposes tokens: the full model verifies them, so it changes speed and
+after that. It has AVX-512 VNNI, AVX2 and portable code for the same integer arithmetic; which
+one runs is chosen by timing at load (clasp.draft_kernels). It only ever proposes tokens: the full model verifies them, so it changes speed and
 acceptance, never the output.
 """
 
@@ -33,17 +34,40 @@ SOURCE = Path(__file__).with_name("cpu_draft.cpp")
 _module = None
 
 
-def cpu_has_vnni() -> bool:
-    """Whether the CPU lists AVX-512 VNNI (Linux /proc/cpuinfo), without building anything."""
+# The instruction sets the kernel has code for, fastest first where the CPU has them, with the
+# kernel's codes (cpu_draft.cpp, enum Isa). All compute the same integer products; which one is
+# fastest on a given CPU is measured at load (clasp.draft_kernels), not assumed from the flags.
+ISAS = {"avx512-vnni": 2, "avx2": 1, "portable": 0}
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's SIMD flags from /proc/cpuinfo (for logs and benchmark records), without
+    building anything; empty where the OS does not say."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = line.split()
-                    return all(flag in flags for flag in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+                    return sorted(flag for flag in line.split(":", 1)[1].split()
+                                  if flag.startswith(("avx", "fma", "amx", "sse4", "f16c", "vnni")))
     except OSError:
         pass
-    return False
+    return []
+
+
+def supported_isas() -> list[str]:
+    """The kernel's instruction sets this CPU can run (asked of the CPU by the compiled kernel)."""
+    ext = load_extension()
+    return [name for name, code in ISAS.items() if ext.cpu_supports(code)]
+
+
+def _isa_code(isa: str) -> int:
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
+    return ISAS[isa]
+
+
+def _isa_name(code: int) -> str:
+    return next(name for name, c in ISAS.items() if c == code)
 
 
 def unavailable_reason() -> str | None:
@@ -116,23 +140,26 @@ def block_int8(q: torch.Tensor) -> torch.Tensor:
     return padded.view(n16 // 16, 16, k4 // 4, 4).permute(0, 2, 1, 3).contiguous()
 
 
-def int8_matrix(q: torch.Tensor, scale: torch.Tensor, vnni: bool = True):
-    """The kernel's matrix for int8 q [N, K] with per-row float32 scales; q may be freed after."""
+def int8_matrix(q: torch.Tensor, scale: torch.Tensor, isa: str = "portable"):
+    """The kernel's matrix for int8 q [N, K] with per-row float32 scales; q may be freed after.
+    Raises RuntimeError where this CPU cannot run `isa`."""
     ext = load_extension()
     return ext.Int8Matrix(block_int8(q), scale.float().contiguous(), q.sum(1, dtype=torch.int32).contiguous(),
-                          q.shape[0], q.shape[1], None, vnni)
+                          q.shape[0], q.shape[1], None, _isa_code(isa))
 
 
 class FusedDraft:
     """A draft token per call over a runner's int8 draft copy (Int8Weight with kernel matrices,
-    which the copy's own torch-path products share). vnni=False: the portable loops (the same
-    integer arithmetic, slower), for tests and CPUs without AVX-512 VNNI.
+    which the copy's own torch-path products share), in one of the kernel's instruction sets
+    (ISAS); `isa` can be switched at any time, since every instruction set reads the same layout.
     """
 
-    def __init__(self, spec, embed: torch.Tensor, weights, vnni: bool = True) -> None:
+    def __init__(self, spec, embed: torch.Tensor, weights, isa: str = "portable") -> None:
         ext = load_extension()
+        self._weights = weights
         self._model = ext.DraftModel(embed, weights.final_norm.float().contiguous(), weights.lm_head.kernel,
-                                     spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps, vnni)
+                                     spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps,
+                                     _isa_code(isa))
         for lw in weights.layers:
             if lw.q_norm is not None:
                 raise ValueError("the fused CPU draft does not support q/k norms (Qwen3)")
@@ -141,8 +168,17 @@ class FusedDraft:
         self._skips: dict[frozenset[int], list[int]] = {}
 
     @property
-    def uses_vnni(self) -> bool:
-        return self._model.uses_vnni
+    def isa(self) -> str:
+        return _isa_name(self._model.isa)
+
+    @isa.setter
+    def isa(self, isa: str) -> None:
+        """Switch the whole draft (this model and the copy's matrices, which multi-row draft
+        products use) to another instruction set. Raises RuntimeError where the CPU lacks it."""
+        code = _isa_code(isa)
+        self._model.isa = code
+        for matrix in self._weights.matrices():
+            matrix.kernel.isa = code
 
     def forward(self, token_id: int, cache: KVCache, position: int, skip_set: frozenset[int],
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

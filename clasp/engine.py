@@ -9,7 +9,9 @@ from typing import Iterator, Sequence
 import torch
 
 from clasp.config import ClaspConfig, SamplingParams
+from clasp import draft_kernels
 from clasp.decoding import Chunk, GenerationResult, generate
+from clasp.draft_kernels import DraftKernelChoice
 from clasp.loading import load_model, model_identity, resolve_device, resolve_dtype
 from clasp.model_runner import ModelRunner
 from clasp.plan_exchange import PlanExchange
@@ -37,38 +39,50 @@ def physical_memory() -> int:
     return total
 
 
-def _set_up_draft(runner: ModelRunner, config: ClaspConfig, fused_draft: bool | None) -> None:
-    """Give the runner its draft copy per config.draft_dtype, through the fused kernel where wanted."""
-    from clasp.cpu_draft import cpu_has_vnni
-
+def _set_up_draft(runner: ModelRunner, config: ClaspConfig, fused_draft: bool | None, draft_kernel: str | None,
+                  calibration_ids: torch.Tensor) -> DraftKernelChoice | None:
+    """Give the runner its draft copy per config.draft_dtype. An int8 copy on CPU gets the kernel
+    chosen by measurement (clasp.draft_kernels) among those allowed: all (fused_draft None), the
+    fused C++ draft's (True), torch ops' (False), or exactly `draft_kernel`."""
     draft_dtype = config.draft_torch_dtype(runner.device.type)
-    if fused_draft and (draft_dtype != torch.int8 or runner.device.type != "cpu"):
-        raise ValueError(f"fused_draft needs an int8 draft copy on CPU, not {draft_dtype} on {runner.device.type}")
-    auto = fused_draft is None
-    if auto:
-        fused_draft = (draft_dtype == torch.int8 and runner.device.type == "cpu" and runner.dtype == torch.float32
-                       and runner.weights.layers[0].q_norm is None and cpu_has_vnni())
-    if fused_draft:
-        try:
-            runner.enable_fused_draft(vnni=cpu_has_vnni())
-            return
-        except (RuntimeError, ValueError) as e:
-            if not auto:
-                raise ValueError(f"fused_draft: {e}") from e
-            log.warning("the fused CPU draft is unavailable (%s): drafting through torch ops", e)
+    forced = fused_draft is not None or draft_kernel is not None
+    if forced and (draft_dtype != torch.int8 or runner.device.type != "cpu"):
+        what = "fused_draft" if draft_kernel is None else "draft_kernel"
+        raise ValueError(f"{what} needs an int8 draft copy on CPU, not {draft_dtype} on {runner.device.type}")
+    if draft_dtype != torch.int8 or runner.device.type != "cpu":
+        runner.set_draft_dtype(draft_dtype)  # raises ValueError where there is no int8 kernel
+        return None
+    names = draft_kernels.available(runner)
+    if draft_kernel is not None:
+        if draft_kernel not in draft_kernels.DRAFT_KERNELS:
+            raise ValueError(f"draft_kernel must be one of {', '.join(draft_kernels.DRAFT_KERNELS)}, "
+                             f"got {draft_kernel!r}")
+        if draft_kernel not in names:
+            raise ValueError(f"draft_kernel {draft_kernel} cannot run here (available: {', '.join(names) or 'none'})")
+        names = [draft_kernel]
+    elif fused_draft is not None:
+        names = [n for n in names if (n in draft_kernels.FUSED) == fused_draft]
+        if not names and fused_draft:
+            raise ValueError("fused_draft: the fused CPU draft cannot run here (no compiled kernel, or a model "
+                             "it does not cover: it needs a float32 model without q/k norms)")
     try:
-        runner.set_draft_dtype(draft_dtype)
-    except ValueError:
-        if config.draft_dtype != "auto":
+        return draft_kernels.choose(runner, calibration_ids, names)
+    except ValueError as e:
+        if forced:
             raise
-        log.warning("no int8 kernel in this torch build: the draft copy falls back to float16")
+        if config.draft_dtype != "auto":
+            raise ValueError(f"draft_dtype int8 is not supported on cpu by this torch build ({e}); "
+                             f"use float16 or bfloat16") from e
+        log.warning("no int8 kernel runs here (%s): the draft copy falls back to float16", e)
         runner.set_draft_dtype(torch.float16)
+        return None
 
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, config: ClaspConfig, eos_ids: frozenset[int],
-                 model_name: str) -> None:
+                 model_name: str, draft_kernel: DraftKernelChoice | None = None) -> None:
         self.runner = runner
+        self.draft_kernel = draft_kernel  # how the int8 CPU draft's kernel was chosen (None: no such draft)
         self.tokenizer = tokenizer
         self.config = config
         self.eos_ids = eos_ids
@@ -77,13 +91,14 @@ class Engine:
     @classmethod
     def load(cls, model_path: str | os.PathLike | None = None, config: ClaspConfig | None = None,
              device: str | None = None, dtype: str | None = None, pack_weights: bool | None = None,
-             fused_draft: bool | None = None) -> "Engine":
+             fused_draft: bool | None = None, draft_kernel: str | None = None) -> "Engine":
         """pack_weights: keep a oneDNN-prepacked copy of the fp32 weights for verification
         (ModelRunner.pack_weights). None: where available and the copy fits in a quarter of
         physical memory; True where unavailable is an error.
-        fused_draft: run an int8 CPU draft through the one-call C++ kernel (clasp.cpu_draft).
-        None: for an fp32 model on a CPU with AVX-512 VNNI, falling back to torch ops with a
-        warning if the kernel cannot be built; True: required (portable loops without VNNI)."""
+        fused_draft: an int8 CPU draft's kernel is chosen at load by timing and an accuracy check
+        (clasp.draft_kernels); None: among all this machine can run, True: among the one-call
+        C++ draft's instruction sets only, False: among torch ops' only.
+        draft_kernel: exactly this one of draft_kernels.DRAFT_KERNELS (still measured and logged)."""
         config = config or ClaspConfig()
         dev = resolve_device(device)
         model, tokenizer = load_model(model_path, resolve_dtype(dtype, dev), dev)
@@ -92,7 +107,8 @@ class Engine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         runner = ModelRunner.from_hf(model, release=True)
-        _set_up_draft(runner, config, fused_draft)
+        calibration_ids = torch.tensor(tokenizer(draft_kernels.CALIBRATION_TEXT)["input_ids"], device=runner.device)
+        choice = _set_up_draft(runner, config, fused_draft, draft_kernel, calibration_ids)
         if pack_weights is None:
             pack_weights = (ModelRunner.packing_available(runner.device, runner.dtype)
                             and runner.weights.nbytes() <= physical_memory() // 4)
@@ -101,7 +117,7 @@ class Engine:
         config.skip_count(runner.spec.num_layers, runner.draft_has_copy)  # validate M against this model now
         if config.static_skip_set is not None:
             config.static_skips(runner.spec.num_layers, runner.draft_has_copy)
-        return cls(runner, tokenizer, config, frozenset(eos_ids), model_identity(model_path))
+        return cls(runner, tokenizer, config, frozenset(eos_ids), model_identity(model_path), choice)
 
     @property
     def identity(self) -> str:

@@ -38,10 +38,14 @@ class ModelSpec:
 class Int8Weight:
     """A weight-only int8 matrix for the draft: symmetric, one scale per output channel.
 
-    On CPU it is prepacked for fbgemm's dynamic-quantization kernel (activations are quantized
-    per call, per tensor): on the dev CPU the embedded model's layer matrices take 6.3 ms per
-    token this way against 8.6 ms in fp16, and its lm_head 0.6 ms against 1.9 ms. Elsewhere it
-    goes through torch's int8-weight kernel with activations in `act_dtype`.
+    On CPU its products run in one of CPU_KERNELS: fbgemm's dynamic-quantization kernel on a
+    prepacked copy (activations quantized per call, per tensor, to 8 bits, or to 7 with
+    "fbgemm-7bit"), or the blocked layout of clasp.cpu_draft's kernel in one of its instruction
+    sets, which the one-call draft shares. Without AVX-512 VNNI, fbgemm sums pairs of u8 x s8
+    products in saturating 16-bit lanes (vpmaddubsw), so full 8-bit activations lose accuracy
+    there; 7-bit activations cannot saturate. Which kernel a draft uses is chosen at load by
+    timing and an accuracy check (clasp.draft_kernels), not from CPU flags.
+    Elsewhere it goes through torch's int8-weight kernel with activations in `act_dtype`.
     """
 
     shape: tuple[int, int]  # [out, in]
@@ -49,15 +53,15 @@ class Int8Weight:
     scale: torch.Tensor  # [out] float32
     packed: object | None  # fbgemm's prepacked weight (CPU)
     act_dtype: torch.dtype
-    kernel: object | None = None  # clasp.cpu_draft's Int8Matrix (CPU, cpu_kernel "clasp"/"clasp-portable")
+    kernel: object | None = None  # clasp.cpu_draft's Int8Matrix (CPU, cpu_kernel "clasp-<isa>")
+    reduce_range: bool = False  # fbgemm: 7-bit activations
 
-    CPU_KERNELS = ("fbgemm", "clasp", "clasp-portable")
+    CPU_KERNELS = ("fbgemm", "fbgemm-7bit", "clasp-avx512-vnni", "clasp-avx2", "clasp-portable")
 
     @classmethod
     def quantize(cls, w: torch.Tensor, act_dtype: torch.dtype, cpu_kernel: str = "fbgemm") -> "Int8Weight":
-        """cpu_kernel (CPU only): fbgemm's prepacked dynamic-quantization kernel, or the blocked
-        layout of clasp.cpu_draft's kernel, which the one-call draft shares (clasp-portable:
-        its portable loops instead of AVX-512 VNNI)."""
+        """cpu_kernel (CPU only): one of CPU_KERNELS. Raises RuntimeError where the CPU or this
+        build cannot run it."""
         if cpu_kernel not in cls.CPU_KERNELS:
             raise ValueError(f"cpu_kernel must be one of {', '.join(cls.CPU_KERNELS)}, got {cpu_kernel!r}")
         w = w.detach().float()
@@ -65,25 +69,24 @@ class Int8Weight:
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         if w.device.type != "cpu":
             return cls(tuple(w.shape), q, scale, None, act_dtype)
-        if cpu_kernel != "fbgemm":
+        if cpu_kernel.startswith("clasp-"):
             from clasp.cpu_draft import int8_matrix
 
             return cls(tuple(w.shape), None, scale, None, torch.float32,
-                       int8_matrix(q, scale, vnni=cpu_kernel == "clasp"))
+                       int8_matrix(q, scale, isa=cpu_kernel.removeprefix("clasp-")))
         with warnings.catch_warnings():  # quantized tensors are deprecated; the packing op is what we need
             warnings.simplefilter("ignore")
             zero = torch.zeros(w.shape[0], dtype=torch.long)
             qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
             packed = torch.ops.quantized.linear_prepack(qw, None)
-        return cls(tuple(w.shape), None, scale, packed, torch.float32)
+        return cls(tuple(w.shape), None, scale, packed, torch.float32, reduce_range=cpu_kernel == "fbgemm-7bit")
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] @ self.T, in x's dtype."""
         if self.kernel is not None:
             return self.kernel.forward(x.float()).to(x.dtype)
         if self.packed is not None:
-            # reduce_range=False: full 8-bit activations (half the error of 7-bit on this model's weights)
-            return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False).to(x.dtype)
+            return torch.ops.quantized.linear_dynamic(x.float(), self.packed, self.reduce_range).to(x.dtype)
         return torch.ops.aten._weight_int8pack_mm(x.to(self.act_dtype), self.q, self.scale.to(self.act_dtype)).to(x.dtype)
 
     def nbytes(self) -> int:
@@ -164,6 +167,10 @@ class Weights:
         """The draft copy with weight-only int8 matrices (the lm_head too)."""
         return Weights([lw.int8(act_dtype, cpu_kernel) for lw in self.layers], self.final_norm,
                        Int8Weight.quantize(self.lm_head, act_dtype, cpu_kernel))
+
+    def matrices(self) -> list:
+        """Every matrix: each layer's MATRICES, then the lm_head."""
+        return [getattr(lw, name) for lw in self.layers for name in MATRICES] + [self.lm_head]
 
     def nbytes(self) -> int:
         tensors = [self.final_norm, self.lm_head]
@@ -407,12 +414,13 @@ class ModelRunner:
             calibrate_single_row(weights.lm_head.shape)
         return cls(spec, param.detach(), weights, base.rotary_emb, param.device, param.dtype)
 
-    def set_draft_dtype(self, dtype: torch.dtype | None) -> None:
+    def set_draft_dtype(self, dtype: torch.dtype | None, cpu_kernel: str = "fbgemm") -> None:
         """Give the draft its own weight copy in `dtype`, or share the full weights (None or
         a float dtype no smaller than the model's, where a copy would save nothing).
 
-        torch.int8: weight-only int8 matrices, per output channel (see Int8Weight). Raises
-        ValueError where this torch build has no int8 kernel for the device.
+        torch.int8: weight-only int8 matrices, per output channel, multiplied by `cpu_kernel` on
+        CPU (see Int8Weight). Raises ValueError where this torch build has no int8 kernel for
+        the device.
         """
         self.fused_draft = None
         if dtype is None:
@@ -425,25 +433,25 @@ class ModelRunner:
             except (RuntimeError, NotImplementedError, AttributeError) as e:
                 raise ValueError(f"draft_dtype int8 is not supported on {self.device.type} by this torch build "
                                  f"({str(e).splitlines()[0]}); use float16 or bfloat16") from e
-            self.draft_weights = self.weights.int8(act)
+            self.draft_weights = self.weights.int8(act, cpu_kernel)
         elif torch.finfo(dtype).bits >= torch.finfo(self.dtype).bits:
             self.draft_weights = self.weights
         else:
             self.draft_weights = self.weights.to(dtype)
 
-    def enable_fused_draft(self, vnni: bool = True) -> None:
+    def enable_fused_draft(self, isa: str = "portable") -> None:
         """Draft with an int8 copy of the weights through the one-call C++ kernel (clasp.cpu_draft)
-        instead of torch ops: on the dev CPU ~7 ms per draft token instead of ~12. Replaces any
-        draft copy. Raises ValueError for models it does not cover and RuntimeError where the
-        kernel cannot be built."""
+        in instruction set `isa` (cpu_draft.ISAS) instead of torch ops. Replaces any draft copy.
+        Raises ValueError for models it does not cover and RuntimeError where the kernel cannot be
+        built or the CPU cannot run `isa`."""
         from clasp.cpu_draft import FusedDraft
 
         if self.device.type != "cpu" or self.dtype != torch.float32:
             raise ValueError(f"the fused draft needs a float32 model on CPU, not {self.dtype} on {self.device.type}")
         if self.weights.layers[0].q_norm is not None:
             raise ValueError("the fused draft does not support models with q/k norms (Qwen3)")
-        draft = self.weights.int8(self.dtype, "clasp" if vnni else "clasp-portable")
-        self.fused_draft = FusedDraft(self.spec, self.embed, draft, vnni)
+        draft = self.weights.int8(self.dtype, f"clasp-{isa}")
+        self.fused_draft = FusedDraft(self.spec, self.embed, draft, isa)
         self.draft_weights = draft
 
     @staticmethod

@@ -9,13 +9,14 @@ import grpc
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from clasp.config import DRAFT_DTYPE_CHOICES, FUSED_DRAFT, FUSED_DRAFT_HELP, PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig
+from clasp.config import DRAFT_DTYPE_CHOICES, DRAFT_KERNEL_HELP, DRAFT_KERNELS, FUSED_DRAFT, FUSED_DRAFT_HELP, PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig
 from clasp.engine import Engine
 from clasp.model_runner import single_row_choices
 from clasp_serve.v1 import clasp_pb2
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
-from decoder_service.service_common import (ErrorInterceptor, add_health_and_reflection, env, redis_client,
-                                            run_service, set_serving, torch_executor, wait_for_stop_signal)
+from decoder_service.service_common import (ErrorInterceptor, StopSignal, StoppedBeforeReady,
+                                            add_health_and_reflection, env, listen_address, metrics_address,
+                                            redis_client, run_service, set_serving, torch_executor)
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.plan_bus import PlanBus
 from decoder_service.security import GuardInterceptor, add_port, add_security_flags, auth_from_env
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         "CLaSp decoder: streams generations over gRPC (clasp.v1.Decoder), drafting with a layer-skipped copy "
         "of the model; publishes re-plan requests to Redis and adopts the planner's plans without waiting."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="listen address [CLASP_HOST]")
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"),
+                   help="listen address of gRPC and metrics; 0.0.0.0 or :: for every interface (pods) [CLASP_HOST]")
     p.add_argument("--port", type=int, default=int(env("DECODER_PORT", 50051)), help="gRPC port [CLASP_DECODER_PORT]")
     p.add_argument("--metrics-port", type=int, default=int(env("DECODER_METRICS_PORT", 9091)),
                    help="Prometheus HTTP port, 0 to disable [CLASP_DECODER_METRICS_PORT]")
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=PACK_WEIGHTS_HELP + " [CLASP_PACK_WEIGHTS]")
     p.add_argument("--fused-draft", default=env("FUSED_DRAFT", "auto"), choices=list(FUSED_DRAFT),
                    help=FUSED_DRAFT_HELP + " [CLASP_FUSED_DRAFT]")
+    p.add_argument("--draft-kernel", default=env("DRAFT_KERNEL", "auto"), choices=("auto",) + DRAFT_KERNELS,
+                   help=DRAFT_KERNEL_HELP + " [CLASP_DRAFT_KERNEL]")
     p.add_argument("--max-concurrent", type=int, default=int(env("MAX_CONCURRENT", 2)),
                    help="streams decoding at once [CLASP_MAX_CONCURRENT]")
     p.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", 16)),
@@ -70,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    stop = StopSignal()
     registry = CollectorRegistry()
     metrics = DecoderMetrics(registry)
     if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.host, registry=registry)
+        start_http_server(args.metrics_port, addr=metrics_address(args.host), registry=registry)
     auth = auth_from_env(args.auth_token_file)
     server = grpc.aio.server(interceptors=[GuardInterceptor(auth), ErrorInterceptor()])
     health = add_health_and_reflection(server, [SERVICE], args.reflection)
@@ -82,32 +87,40 @@ async def serve(args: argparse.Namespace) -> None:
                                args.max_prompt_tokens, auth)
     pb_grpc.add_DecoderServicer_to_server(servicer, server)
     await set_serving(health, [SERVICE], False)
-    bound = add_port(server, f"{args.host}:{args.port}", args)  # TLS with --tls-cert-file
+    bound = add_port(server, listen_address(args.host, args.port), args)  # TLS with --tls-cert-file
     await server.start()
-    log.info("listening; loading model", port=bound, model=args.model or "embedded", auth=auth is not None,
-             reflection=args.reflection)
+    log.info("listening; loading model", host=args.host, port=bound, model=args.model or "embedded",
+             auth=auth is not None, reflection=args.reflection)
 
     config = ClaspConfig(mode=args.mode, num_skip_layers=None if args.num_skip_layers is None else int(args.num_skip_layers),
                          replan_interval=args.replan_interval, max_draft_length=args.max_draft_length,
                          draft_dtype=None if args.draft_dtype in (None, "none") else args.draft_dtype)
     loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(torch_thread, Engine.load, args.model, config, args.device, args.dtype,
-                                        PACK_WEIGHTS[args.pack_weights], FUSED_DRAFT[args.fused_draft])
     bus = None
-    if args.redis_url:
-        bus = PlanBus(redis_client(args.redis_url), engine.identity, engine.runner.spec.num_layers, metrics=metrics)
-        bus.start()
-    servicer.attach(engine, bus)
-    await loop.run_in_executor(torch_thread, servicer.warm_up)
+    try:
+        engine = await stop.unless_stopped(loop.run_in_executor(
+            torch_thread, Engine.load, args.model, config, args.device, args.dtype, PACK_WEIGHTS[args.pack_weights],
+            FUSED_DRAFT[args.fused_draft], None if args.draft_kernel == "auto" else args.draft_kernel))
+        if args.redis_url:
+            bus = PlanBus(redis_client(args.redis_url), engine.identity, engine.runner.spec.num_layers, metrics=metrics)
+            bus.start()
+        servicer.attach(engine, bus)
+        await stop.unless_stopped(loop.run_in_executor(torch_thread, servicer.warm_up))
+    except StoppedBeforeReady:
+        await server.stop(0)
+        if bus is not None:
+            bus.stop()
+        raise
     await set_serving(health, [SERVICE], True)
-    log.info("serving", model=engine.identity, redis=bool(bus), fused_draft=engine.runner.fused_draft is not None,
+    log.info("serving", model=engine.identity, redis=bool(bus),
+             draft_kernel=engine.draft_kernel.as_dict() if engine.draft_kernel else None,
              packed_weights_mib=engine.runner.packed_nbytes >> 20,
              packed_from_rows=engine.runner.packed_min_rows, single_row_as_two=single_row_choices())
 
-    await wait_for_stop_signal()
+    await stop.wait()
     log.info("draining", grace_period_s=args.grace_period_s, in_flight=servicer.in_flight())
     # Health turns NOT_SERVING and new streams get UNAVAILABLE, while the server still answers
-    # probes; in-flight streams get the grace period to finish, then the rest are cancelled.
+    # probes; in-flight streams get the grace period to finish, then the rest are aborted.
     await set_serving(health, [SERVICE], False)
     await servicer.drain(args.grace_period_s)  # then what is left ends FINISH_REASON_ABORTED
     await server.stop(1.0)

@@ -9,6 +9,7 @@ import concurrent.futures
 import logging
 import os
 import signal
+import socket
 import sys
 
 import grpc
@@ -121,13 +122,59 @@ def configure_logging(level: str = "INFO") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 
 
-async def wait_for_stop_signal() -> None:
-    """Return on SIGTERM or SIGINT (the process is PID 1 in a container: it must handle them)."""
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+class StoppedBeforeReady(Exception):
+    """SIGTERM or SIGINT came while the model was still loading or warming up."""
+
+
+class StopSignal:
+    """SIGTERM and SIGINT, caught from the start of serve(), before the model loads.
+
+    In a container the service is PID 1, for which the kernel ignores a signal that has no
+    handler: a SIGTERM during the load would be lost and the pod killed after its grace period.
+    """
+
+    def __init__(self) -> None:
+        self.received = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.received.set)
+
+    async def wait(self) -> None:
+        await self.received.wait()
+
+    async def unless_stopped(self, awaitable):
+        """The result of `awaitable`, or StoppedBeforeReady if a stop signal comes first."""
+        work = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self.received.wait())
+        await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            stop.cancel()
+            return work.result()
+        raise StoppedBeforeReady
+
+
+def listen_address(host: str, port: int) -> str:
+    """host:port for grpc, with an IPv6 literal in brackets ("::" -> "[::]:50051")."""
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def metrics_address(host: str) -> str:
+    """The address the Prometheus HTTP server binds for a service listening on `host`.
+
+    A wildcard (0.0.0.0 or ::) means every interface, as grpc reads it (its wildcard listener
+    takes IPv4 and IPv6): the dual-stack "::" where the kernel has IPv6, else 0.0.0.0.
+    """
+    host = host.strip("[]")
+    if host not in ("0.0.0.0", "::"):
+        return host
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind(("::", 0))
+        return "::"
+    except OSError:
+        return "0.0.0.0"
 
 
 def torch_executor() -> concurrent.futures.ThreadPoolExecutor:
@@ -146,4 +193,12 @@ def run_service(parser: argparse.ArgumentParser, serve) -> None:
     configure_logging(args.log_level)
     if args.threads:
         torch.set_num_threads(args.threads)
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except StoppedBeforeReady:
+        # The torch thread is still inside the model load, which cannot be interrupted, and a
+        # normal exit would join it: nothing is in flight yet, so leave now.
+        log.info("stopped before serving")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -4,7 +4,8 @@
 
 Hardening (non-root, read-only root, no privilege escalation, no capabilities, RuntimeDefault
 seccomp), resources, tagged images, the gRPC probes and metrics annotations of the clasp
-containers, threads matching the CPU request, a grace period longer than the drain, references
+containers, CLASP_HOST binding every interface (the services default to 127.0.0.1, which no probe,
+Service or Prometheus can reach), threads matching the CPU request, a grace period longer than the drain, references
 to generated ConfigMaps/Secrets that resolve, Services that select pods and name real ports, the
 decoder's PodDisruptionBudget, and a GPU per clasp container when CLASP_DEVICE=cuda.
 Prints one line per problem and exits 1 if there is any.
@@ -21,11 +22,26 @@ CLASP_IMAGE = "clasp-serve"
 REQUIRED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/component", "app.kubernetes.io/part-of")
 GRPC_PORTS = {"decoder": 50051, "planner": 50052}
 METRICS_PORTS = {"decoder": 9091, "planner": 9092}
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")
 
 
 def cpu_cores(q: str) -> float:
     q = str(q)
     return int(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def effective_env(container: dict, configmaps: dict[str, dict]) -> dict[str, str | None]:
+    """The container's environment as the kubelet builds it: envFrom first, then env on top
+    (None for a value taken from elsewhere, e.g. a Secret)."""
+    merged: dict[str, str | None] = {}
+    for src in container.get("envFrom", []):
+        ref = src.get("configMapRef")
+        if ref:
+            data = configmaps.get(ref["name"], {}).get("data", {})
+            merged.update({src.get("prefix", "") + k: v for k, v in data.items()})
+    for e in container.get("env", []):
+        merged[e["name"]] = e.get("value") if "valueFrom" not in e else None
+    return merged
 
 
 def check(docs: list[dict]) -> list[str]:
@@ -100,6 +116,10 @@ def check(docs: list[dict]) -> list[str]:
                 problems.append(f"{cw}: metrics port {ports.get('metrics')} is not {METRICS_PORTS.get(component)}")
             if "CLASP_REDIS_PASSWORD" not in env:
                 problems.append(f"{cw}: CLASP_REDIS_PASSWORD not set")
+            host = effective_env(c, configmaps).get("CLASP_HOST")
+            if host not in WILDCARD_HOSTS:
+                problems.append(f"{cw}: CLASP_HOST is {host!r}, not one of {', '.join(WILDCARD_HOSTS)}: "
+                                "the services listen on 127.0.0.1 by default, out of the probes' reach")
             threads = {env.get(k, {}).get("value") for k in ("CLASP_THREADS", "OMP_NUM_THREADS")}
             want = str(math.ceil(cpu_cores(res.get("requests", {}).get("cpu", "0"))))
             if threads != {want}:

@@ -16,8 +16,9 @@ from clasp.engine import Engine
 from clasp.plan_exchange import SessionContexts, plan_key
 from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
-from decoder_service.service_common import (ErrorInterceptor, add_health_and_reflection, env, redis_client,
-                                            run_service, set_serving, torch_executor, wait_for_stop_signal)
+from decoder_service.service_common import (ErrorInterceptor, StopSignal, StoppedBeforeReady,
+                                            add_health_and_reflection, env, listen_address, metrics_address,
+                                            redis_client, run_service, set_serving, torch_executor)
 from decoder_service.security import GuardInterceptor, add_port, add_security_flags, auth_from_env
 from planner_service.worker import PlannerMetrics, PlannerWorker
 
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "CLaSp planner: consumes re-plan requests from a Redis stream, runs the sequence-parallel layer-skip DP "
         "on a rebuilt context, and writes each session's plan to Redis."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="listen address [CLASP_HOST]")
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"),
+                   help="listen address of gRPC and metrics; 0.0.0.0 or :: for every interface (pods) [CLASP_HOST]")
     p.add_argument("--port", type=int, default=int(env("PLANNER_PORT", 50052)), help="gRPC port [CLASP_PLANNER_PORT]")
     p.add_argument("--metrics-port", type=int, default=int(env("PLANNER_METRICS_PORT", 9092)),
                    help="Prometheus HTTP port, 0 to disable [CLASP_PLANNER_METRICS_PORT]")
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-ttl-s", type=int, default=int(env("PLAN_TTL_S", 3600)), help="plan key TTL [CLASP_PLAN_TTL_S]")
     p.add_argument("--consumer-name", default=env("CONSUMER_NAME", f"{socket.gethostname()}-{os.getpid()}"),
                    help="consumer name in the Redis group [CLASP_CONSUMER_NAME]")
+    p.add_argument("--grace-period-s", type=float, default=float(env("GRACE_PERIOD_S", 20)),
+                   help="on SIGTERM, time the plan in progress and in-flight RPCs get to finish [CLASP_GRACE_PERIOD_S]")
     p.add_argument("--claim-idle-s", type=float, default=float(env("CLAIM_IDLE_S", 30)),
                    help="claim another planner's unacknowledged requests after this long [CLASP_CLAIM_IDLE_S]")
     p.add_argument("--prune-idle-s", type=float, default=float(env("PRUNE_IDLE_S", 120)),
@@ -73,33 +77,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    stop = StopSignal()
     registry = CollectorRegistry()
     metrics = PlannerMetrics(registry)
     if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.host, registry=registry)
+        start_http_server(args.metrics_port, addr=metrics_address(args.host), registry=registry)
     auth = auth_from_env(args.auth_token_file)  # GetPlan behind the same tokens as the decoder
     server = grpc.aio.server(interceptors=[GuardInterceptor(auth), ErrorInterceptor()])
     health = add_health_and_reflection(server, [SERVICE], args.reflection)
     client = redis_client(args.redis_url)
     pb_grpc.add_PlannerServicer_to_server(PlannerServicer(client), server)
     await set_serving(health, [SERVICE], False)
-    bound = add_port(server, f"{args.host}:{args.port}", args)  # TLS with --tls-cert-file
+    bound = add_port(server, listen_address(args.host, args.port), args)  # TLS with --tls-cert-file
     await server.start()
     torch_thread = torch_executor()
     # The DP scores candidates with the full weights: no draft copy here.
-    engine = await asyncio.get_running_loop().run_in_executor(torch_thread, Engine.load, args.model,
-                                                               ClaspConfig(draft_dtype=None), args.device, args.dtype,
-                                                               PACK_WEIGHTS[args.pack_weights])
+    try:
+        engine = await stop.unless_stopped(asyncio.get_running_loop().run_in_executor(
+            torch_thread, Engine.load, args.model, ClaspConfig(draft_dtype=None), args.device, args.dtype,
+            PACK_WEIGHTS[args.pack_weights]))
+    except StoppedBeforeReady:
+        await server.stop(0)
+        raise
     contexts = SessionContexts(engine.runner, args.max_sessions, args.max_context_mib * 2**20)
     worker = PlannerWorker(client, contexts, engine.identity, args.consumer_name, metrics, plan_ttl_s=args.plan_ttl_s,
                            claim_idle_s=args.claim_idle_s, prune_idle_s=args.prune_idle_s)
     worker.start(torch_thread)
     await set_serving(health, [SERVICE], True)
-    log.info("serving", port=bound, model=engine.identity, consumer=args.consumer_name)
-    await wait_for_stop_signal()
+    log.info("serving", host=args.host, port=bound, model=engine.identity, consumer=args.consumer_name)
+    await stop.wait()
+    log.info("draining", grace_period_s=args.grace_period_s)
+    # The worker takes no new requests; the plan in progress gets the grace period (one it
+    # does not finish stays unacknowledged, and another planner claims it).
     await set_serving(health, [SERVICE], False)
-    await server.stop(5)
-    await asyncio.to_thread(worker.stop)
+    await asyncio.gather(server.stop(args.grace_period_s), asyncio.to_thread(worker.stop, args.grace_period_s))
     torch_thread.shutdown(wait=False)
     log.info("stopped")
 

@@ -71,10 +71,11 @@ class PlannerWorker:
         all torch work of the process stays on one thread (one OpenMP team; see service_common)."""
         self._done = executor.submit(self._run)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Take no new requests; wait up to `timeout_s` for the plan in progress."""
         self._stop.set()
         if self._done is not None:
-            concurrent.futures.wait([self._done], timeout=10)
+            concurrent.futures.wait([self._done], timeout=timeout_s)
 
     def _run(self) -> None:
         backoff = 0.1
@@ -144,7 +145,10 @@ class PlannerWorker:
                 if message.session_id in newest:
                     self.metrics.superseded.inc()
                 newest[message.session_id] = (message, entry_id)
-            for session_id, (message, _) in newest.items():
+            for session_id, (message, entry_id) in newest.items():
+                if self._stop.is_set():  # stopping: leave it unacknowledged for another planner
+                    done.remove(entry_id)
+                    continue
                 try:
                     self._plan_one(session_id, message)
                 except (redis.RedisError, OSError):

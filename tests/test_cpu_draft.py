@@ -1,7 +1,7 @@
 """The one-call C++ CPU draft (clasp/cpu_draft.cpp): its int8 products against a reference of
 the same quantized arithmetic, its whole-token draft against the torch path over the same int8
-matrices, on AVX-512 VNNI and on the portable loops. The greedy-equivalence tests run it too:
-the engine fixture uses it wherever the CPU has VNNI (asserted here)."""
+matrices, in every instruction set this CPU can run (each forced explicitly: AVX-512 VNNI, AVX2,
+portable loops). tests/test_draft_kernels.py checks each against the full model."""
 
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ from clasp.model_runner import Int8Weight, ModelRunner, linear
 # Only a machine that cannot build C++ at all skips; a missing ninja is an install failure.
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64"
                                 or shutil.which("c++") is None, reason="needs x86-64 Linux with a C++ compiler")
-KERNELS = ["clasp", "clasp-portable"]
+ISAS = list(cpu_draft.ISAS)
 
 
-def _kernel_or_skip(kernel: str) -> str:
-    if kernel == "clasp" and not cpu_draft.cpu_has_vnni():
-        pytest.skip("this CPU has no AVX-512 VNNI")
-    return kernel
+def _isa_or_skip(isa: str) -> str:
+    if isa not in cpu_draft.supported_isas():
+        pytest.skip(f"this CPU cannot run {isa}")
+    return isa
 
 
 def quantized_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -43,17 +43,32 @@ def quantized_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).float()
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("shape", [(64, 128), (37, 70), (3, 5)])  # padded rows and inputs
-def test_products_match_the_quantized_reference(kernel, shape):
+def test_products_match_the_quantized_reference(isa, shape):
     torch.manual_seed(0)
     w, x = torch.randn(*shape), torch.randn(4, shape[1])
-    weight = Int8Weight.quantize(w, torch.float32, _kernel_or_skip(kernel))
+    weight = Int8Weight.quantize(w, torch.float32, f"clasp-{_isa_or_skip(isa)}")
     assert weight.kernel is not None and weight.packed is None and weight.q is None
     got = linear(x, weight)
     expected = quantized_reference(x, w)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     assert (got - x @ w.T).abs().max() / (x @ w.T).abs().max() < 0.03  # and near the fp32 product
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_instruction_set_computes_the_same_integer_products(isa):
+    """Exact integer sums in every instruction set: the largest activations (255) times the largest
+    weights (+-127) over long rows, where 16-bit pair sums (vpmaddubsw) would saturate."""
+    torch.manual_seed(3)
+    w = torch.randn(1536, 576)
+    w[:, :64] = w.abs().amax(1, keepdim=True)  # full-scale weights where the activations peak
+    x = torch.randn(3, 576)
+    x[:, :64] = 50.0
+    expected = linear(x, Int8Weight.quantize(w, torch.float32, "clasp-portable"))
+    got = linear(x, Int8Weight.quantize(w, torch.float32, f"clasp-{_isa_or_skip(isa)}"))
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(got, quantized_reference(x, w), rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
 def _tiny_runner(model_type: str) -> ModelRunner:
@@ -71,13 +86,13 @@ def _tiny_runner(model_type: str) -> ModelRunner:
     return ModelRunner.from_hf(model)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 @pytest.mark.parametrize("skip", [frozenset(), frozenset({1, 2})])
-def test_draft_token_matches_the_torch_path(kernel, model_type, skip):
+def test_draft_token_matches_the_torch_path(isa, model_type, skip):
     runner = _tiny_runner(model_type)
-    runner.enable_fused_draft(vnni=_kernel_or_skip(kernel) == "clasp")
-    assert runner.fused_draft.uses_vnni == (kernel == "clasp") and runner.draft_has_copy
+    runner.enable_fused_draft(_isa_or_skip(isa))
+    assert runner.fused_draft.isa == isa and runner.draft_has_copy
     prompt = torch.arange(40, 77)
     fused_cache, torch_cache = runner.new_cache(64), runner.new_cache(64)
     runner.forward(prompt, fused_cache, 0)
@@ -98,7 +113,7 @@ def test_draft_token_matches_the_torch_path(kernel, model_type, skip):
 
 def test_bad_calls_are_clear_errors():
     runner = _tiny_runner("llama")
-    runner.enable_fused_draft(vnni=cpu_draft.cpu_has_vnni())
+    runner.enable_fused_draft("portable")
     cache = runner.new_cache(8)
     with pytest.raises(RuntimeError, match="skipped layer 9 is out of range"):
         runner.fused_draft.forward(1, cache, 0, frozenset({9}), runner._rope_cos, runner._rope_sin)
@@ -106,13 +121,18 @@ def test_bad_calls_are_clear_errors():
         runner.fused_draft.forward(300, cache, 0, frozenset(), runner._rope_cos, runner._rope_sin)
     with pytest.raises(ValueError, match="KV cache overflow"):
         runner.forward(torch.tensor([1]), cache, 8, draft=True)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        runner.fused_draft.isa = "sse2"
     with pytest.raises(ValueError, match="fused_draft needs an int8 draft copy"):
         Engine.load(None, ClaspConfig(draft_dtype="float16"), device="cpu", dtype="float32", fused_draft=True)
+    with pytest.raises(ValueError, match="draft_kernel needs an int8 draft copy"):
+        Engine.load(None, ClaspConfig(draft_dtype=None), device="cpu", dtype="float32", draft_kernel="fused-avx2")
 
 
-def test_the_engine_drafts_through_the_kernel_where_the_cpu_has_vnni(engine):
-    """So every greedy-equivalence test on such a CPU exercises it (and would catch a failed build)."""
-    if cpu_draft.cpu_has_vnni():
-        assert engine.runner.fused_draft is not None and engine.runner.fused_draft.uses_vnni
-    else:
-        assert engine.runner.fused_draft is None
+def test_switching_instruction_sets_switches_every_matrix():
+    runner = _tiny_runner("llama")
+    runner.enable_fused_draft("portable")
+    for isa in cpu_draft.supported_isas():
+        runner.fused_draft.isa = isa
+        assert runner.fused_draft.isa == isa
+        assert {m.kernel.isa for m in runner.draft_weights.matrices()} == {cpu_draft.ISAS[isa]}

@@ -1,0 +1,213 @@
+"""Which kernel runs the int8 CPU draft: chosen at load by timing and an accuracy check.
+
+Kernels rank differently on different CPUs, and a fast kernel can be a wrong one: without AVX-512
+VNNI, fbgemm's full-range int8 products saturate 16-bit sums and its draft agrees with the model
+on about half the tokens the exact kernels do (docs/performance.md). So nothing is picked from a
+CPU flag. Every candidate this machine can run drafts a fixed text one token at a time on the
+model's own weights; it is timed, and its next-token choices are compared with the fp32 model's
+on the same text. The fastest candidate whose agreement is close to the best one's is chosen.
+
+Candidates (config.DRAFT_KERNELS):
+  fused-avx512-vnni, fused-avx2, fused-portable  the one-call C++ draft (clasp.cpu_draft) in
+                     each instruction set the CPU has; one blocked int8 copy serves all three
+  torch-fbgemm, torch-fbgemm-7bit  torch ops over fbgemm's prepacked int8 weights, with 8-bit or
+                     7-bit activations; one packed copy serves both
+
+The draft only proposes tokens, so the choice changes speed and acceptance, never the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+
+import torch
+
+from clasp.config import DRAFT_KERNELS, FUSED_DRAFT_KERNELS as FUSED, TORCH_DRAFT_KERNELS as TORCH
+from clasp.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+# A fixed English text: the draft's next-token choices on it are compared with the full model's.
+CALIBRATION_TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes "
+                    "Gutenberg combined movable metal type, oil-based ink and a wooden press. Books became "
+                    "cheaper, literacy spread across Europe, and new ideas travelled faster than ever before.")
+# A candidate passes when its agreement is at least this far below the best candidate's
+# (the exact kernels differ by a few tokens on this text: one activation rounded the other way
+# changes later logits by ~1) and above the floor.
+AGREEMENT_MARGIN = 0.1
+MIN_AGREEMENT = 0.5
+WARM_UP_TOKENS = 4
+# A candidate more than this many times slower than one already measured to be accurate stops
+# after a few timed tokens: it cannot be the fastest accurate one (saves ~1-2 s of load).
+GIVE_UP_RATIO = 1.8
+TIMED_BEFORE_GIVING_UP = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One draft kernel as measured at load."""
+
+    name: str
+    ms_per_token: float | None  # median over the timed tokens; None where it could not run
+    agreement: float | None  # share of positions whose draft argmax equals the fp32 model's
+    passed: bool = False
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftKernelChoice:
+    chosen: str
+    candidates: tuple[Candidate, ...]
+    calibration_tokens: int
+    seconds: float  # load time spent measuring
+
+    def as_dict(self) -> dict:
+        return {"chosen": self.chosen, "calibration_tokens": self.calibration_tokens,
+                "seconds": round(self.seconds, 3), "candidates": [c.as_dict() for c in self.candidates]}
+
+
+class DraftCopies:
+    """The candidates' weight copies for one runner, each built on first use and switched between
+    without copying again (the fused instruction sets share one copy, both fbgemm variants another)."""
+
+    def __init__(self, runner: ModelRunner, current: str | None = None) -> None:
+        """current: the kernel the runner's draft copy already uses (it is reused, not rebuilt)."""
+        self.runner = runner
+        self._fused = (runner.draft_weights, runner.fused_draft) if current in FUSED else None
+        self._fbgemm = runner.draft_weights if current in TORCH else None
+
+    def install(self, name: str) -> None:
+        from clasp.cpu_draft import FusedDraft
+
+        r = self.runner
+        if name in FUSED:
+            isa = name.removeprefix("fused-")
+            if self._fused is None:
+                r.enable_fused_draft(isa)
+                self._fused = (r.draft_weights, r.fused_draft)
+            weights, fused = self._fused
+            assert isinstance(fused, FusedDraft)
+            fused.isa = isa
+            r.draft_weights, r.fused_draft = weights, fused
+        elif name in TORCH:
+            if self._fbgemm is None:
+                r.set_draft_dtype(torch.int8, "fbgemm")
+                self._fbgemm = r.draft_weights
+            reduce_range = name == "torch-fbgemm-7bit"
+            r.fused_draft = None
+            r.draft_weights = _with_reduce_range(self._fbgemm, reduce_range)
+        else:
+            raise ValueError(f"draft kernel must be one of {', '.join(DRAFT_KERNELS)}, got {name!r}")
+
+
+def _with_reduce_range(weights, reduce_range: bool):
+    from clasp.model_runner import MATRICES, Weights
+
+    def swap(w):
+        return dataclasses.replace(w, reduce_range=reduce_range)
+
+    layers = [dataclasses.replace(lw, **{m: swap(getattr(lw, m)) for m in MATRICES}) for lw in weights.layers]
+    return Weights(layers, weights.final_norm, swap(weights.lm_head))
+
+
+def reference_choices(runner: ModelRunner, ids: torch.Tensor) -> torch.Tensor:
+    """The fp32 model's argmax after each prefix of ids [T]: [T] int64."""
+    cache = runner.new_cache(ids.shape[0])
+    return runner.forward(ids, cache, 0).argmax(-1)
+
+
+def measure(runner: ModelRunner, ids: torch.Tensor, reference: torch.Tensor,
+            give_up_ms: float | None = None) -> tuple[float, float | None]:
+    """(median ms per draft token, agreement) of the runner's current draft over ids [T]: the
+    draft runs the text one token at a time with no layer skipped, on its own cache. With
+    give_up_ms, a draft whose median over the first timed tokens is slower stops there, with
+    agreement None (it could not be chosen over the faster one anyway)."""
+    cache = runner.new_cache(ids.shape[0])
+    times, choices = [], []
+    for position in range(ids.shape[0]):
+        t0 = time.perf_counter()
+        logits = runner.forward(ids[position:position + 1], cache, position, draft=True)
+        times.append(time.perf_counter() - t0)
+        choices.append(logits[0].argmax())
+        if (give_up_ms is not None and position + 1 == WARM_UP_TOKENS + TIMED_BEFORE_GIVING_UP
+                and statistics.median(times[WARM_UP_TOKENS:]) * 1e3 > give_up_ms):
+            return statistics.median(times[WARM_UP_TOKENS:]) * 1e3, None
+    agreement = float((torch.stack(choices) == reference[:len(choices)]).float().mean())
+    return statistics.median(times[WARM_UP_TOKENS:]) * 1e3, agreement
+
+
+def available(runner: ModelRunner) -> list[str]:
+    """The candidates this runner and CPU can try (the fused kernel needs a compiled extension)."""
+    if runner.device.type != "cpu":
+        return []
+    names = []
+    if runner.dtype == torch.float32 and runner.weights.layers[0].q_norm is None:
+        from clasp import cpu_draft
+
+        try:
+            isas = cpu_draft.supported_isas()
+        except RuntimeError as e:
+            log.warning("the fused CPU draft is unavailable (%s)", e)
+            isas = []
+        names += [f"fused-{isa}" for isa in isas]
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        names += list(TORCH)
+    return names
+
+
+def select(measured: list[Candidate]) -> tuple[str, list[Candidate]]:
+    """The rule: every candidate that ran passes when its agreement is at least MIN_AGREEMENT
+    and within AGREEMENT_MARGIN of the best one's; the fastest that passes is chosen (if none
+    passes, the most accurate). Returns the chosen name and the candidates with `passed` set.
+    Raises ValueError if none ran."""
+    ran = [c for c in measured if c.agreement is not None and c.ms_per_token is not None]
+    if not ran:
+        raise ValueError("no int8 draft kernel could run: " + "; ".join(f"{c.name}: {c.error}" for c in measured))
+    bar = max(MIN_AGREEMENT, max(c.agreement for c in ran) - AGREEMENT_MARGIN)
+    measured = [dataclasses.replace(c, passed=c in ran and c.agreement >= bar) for c in measured]
+    passing = [c for c in measured if c.passed]
+    if not passing:  # every kernel disagrees with this model often: take the most accurate
+        log.warning("no draft kernel agrees with the model on %.0f%% of a test text; using the most accurate",
+                    100 * MIN_AGREEMENT)
+        return max(ran, key=lambda c: c.agreement).name, measured
+    return min(passing, key=lambda c: c.ms_per_token).name, measured
+
+
+def choose(runner: ModelRunner, ids: torch.Tensor, candidates: list[str]) -> DraftKernelChoice:
+    """Measure each candidate on ids [T] (a tokenized CALIBRATION_TEXT), install the one select()
+    picks, and return the figures. Raises ValueError if none can run."""
+    if not candidates:
+        raise ValueError("no int8 draft kernel can run here")
+    t0 = time.perf_counter()
+    reference = reference_choices(runner, ids)
+    drafts = DraftCopies(runner)
+    measured = []
+    for name in candidates:
+        accurate = [c.ms_per_token for c in measured if c.agreement is not None and c.agreement >= MIN_AGREEMENT]
+        try:
+            drafts.install(name)
+            ms, agreement = measure(runner, ids, reference, min(accurate) * GIVE_UP_RATIO if accurate else None)
+            measured.append(Candidate(name, ms, agreement, error=None if agreement is not None else
+                                      f"stopped after {TIMED_BEFORE_GIVING_UP} timed tokens: over "
+                                      f"{GIVE_UP_RATIO}x slower than an accurate candidate"))
+        except (RuntimeError, ValueError) as e:
+            measured.append(Candidate(name, None, None, error=str(e).splitlines()[0]))
+    chosen, measured = select(measured)
+    drafts.install(chosen)
+    choice = DraftKernelChoice(chosen, tuple(measured), int(ids.shape[0]), time.perf_counter() - t0)
+    log.info("draft kernel %s: %s", chosen, ", ".join(_describe(c) for c in measured))
+    return choice
+
+
+def _describe(c: Candidate) -> str:
+    if c.agreement is not None:
+        return f"{c.name} {c.ms_per_token:.2f} ms agreement {c.agreement:.2f}{'' if c.passed else ' (failed)'}"
+    if c.ms_per_token is not None:
+        return f"{c.name} {c.ms_per_token:.2f} ms (slower: accuracy not checked)"
+    return f"{c.name} unavailable ({c.error})"
