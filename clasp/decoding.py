@@ -83,10 +83,11 @@ class GenerationResult:
 
 
 # ---------------------------------------------------------------------- steps
-def prefill(runner: ModelRunner, cache: KVCache, prompt_ids: torch.Tensor, collect_hidden: bool):
-    """Run the prompt. Returns (last-position logits [1, vocab], h_0..h_L of the last prompt token or None)."""
+def prefill(runner: ModelRunner, cache: KVCache, prompt_ids: torch.Tensor, collect_hidden: bool, start: int = 0):
+    """Run prompt_ids[start:] at positions start.. (the cache holds the rest). Returns (last-position
+    logits [1, vocab], h_0..h_L of the last prompt token or None)."""
     hidden = [] if collect_hidden else None
-    logits = runner.forward(prompt_ids, cache, 0, last_only=True, hidden_states=hidden)
+    logits = runner.forward(prompt_ids[start:], cache, start, last_only=True, hidden_states=hidden)
     return logits, (torch.stack([h[-1] for h in hidden]) if collect_hidden else None)
 
 
@@ -99,9 +100,7 @@ def chunked_prefill(runner: ModelRunner, cache: KVCache, prompt_ids: torch.Tenso
         runner.forward(prompt_ids[start:start + chunk_tokens], cache, start, last_only=True)
         start += chunk_tokens
         yield Chunk([], "")
-    hidden = [] if collect_hidden else None
-    logits = runner.forward(prompt_ids[start:], cache, start, last_only=True, hidden_states=hidden)
-    return logits, (torch.stack([h[-1] for h in hidden]) if collect_hidden else None)
+    return prefill(runner, cache, prompt_ids, collect_hidden, start)
 
 
 def select_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
