@@ -44,12 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-draft-length", type=int, default=None, help="K; default: the server's")
     p.add_argument("--timeout-s", type=float, default=None, help="deadline for the whole generation")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--info", action="store_true", help="print what the decoder serves (ModelInfo) as JSON and exit")
     p.add_argument("--wait-s", type=float, default=0.0, help="first wait up to this long for the decoder to be SERVING")
     return p
 
 
+def print_info(args: argparse.Namespace) -> int:
+    try:
+        with ClaspClient(args.target) as client:
+            if args.wait_s:
+                client.wait_ready(args.wait_s)
+            print(json.dumps(client.model_info()))
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except TimeoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.info:
+        return print_info(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     options = dict(session_id=args.session, request_id=args.request_id, raw_prompt=args.raw,
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -158,6 +158,12 @@ class _Collector:
                           f.num_prompt_tokens, stats)
 
 
+def _info_dict(response: pb.ModelInfoResponse) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
 class ClaspClient:
     """Blocking client. Use as a context manager, or call close()."""
 
@@ -230,6 +236,10 @@ class ClaspClient:
         return self.stub.Abort(pb.AbortRequest(request_id=request_id, abort_secret=secret), timeout=5.0,
                                metadata=self.metadata).found
 
+    def model_info(self, timeout_s: float = 10.0) -> dict:
+        """The served model: model_id, context_window, num_layers, dtype, device, draft_kernel, ..."""
+        return _info_dict(self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout_s, metadata=self.metadata))
+
 
 class AsyncClaspClient:
     """asyncio client. Use as an async context manager, or await close()."""
@@ -283,3 +293,6 @@ class AsyncClaspClient:
         secret = abort_secret if abort_secret is not None else self.secrets.by_id.get(request_id, "")
         return (await self.stub.Abort(pb.AbortRequest(request_id=request_id, abort_secret=secret), timeout=5.0,
                                       metadata=self.metadata)).found
+
+    async def model_info(self, timeout_s: float = 10.0) -> dict:
+        return _info_dict(await self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout_s, metadata=self.metadata))

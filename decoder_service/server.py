@@ -17,6 +17,7 @@ from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
 from decoder_service.convert import chunk_to_pb, final_to_pb, request_from_pb
 from decoder_service.metrics import DecoderMetrics
+from decoder_service.model_info import model_info
 from decoder_service.plan_bus import PlanBus, SessionExchange
 from decoder_service.security import BearerAuth, caller_identity
 
@@ -122,6 +123,11 @@ class DecoderServicer(pb_grpc.DecoderServicer):
             self.slots.release()
         else:
             acquire.cancel()
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is still loading")
+        return model_info(self.engine)
 
     async def Generate(self, request: pb.GenerateRequest, context):
         if self.draining or self.engine is None:

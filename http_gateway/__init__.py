@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API: a thin gateway that translates to the decoder's gRPC API."""

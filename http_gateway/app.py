@@ -1,0 +1,289 @@
+"""The OpenAI-compatible HTTP API as an ASGI app (FastAPI) over the decoder's gRPC API.
+
+Every request becomes one Decoder.Generate stream: the decoder stays the one place that
+decodes, and this process only translates. Errors keep OpenAI's shape
+({"error": {"message", "type", "param", "code"}}): a bad field is 400 naming it, a busy decoder
+429, a draining or loading one 503. A stream's first message is awaited before the response
+starts, so an invalid request is a 400 and not an error event; a client that disconnects
+mid-stream cancels the gRPC call, and the decoder stops within one round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hmac
+import json
+import time
+from typing import Any
+
+import grpc
+import structlog
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sse_starlette import EventSourceResponse
+
+from clasp_serve.v1 import clasp_pb2 as pb
+from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
+from http_gateway import protocol
+from http_gateway.protocol import ChatCompletionRequest, CompletionRequest
+
+log = structlog.get_logger("http")
+SESSION_HEADER = "x-session-id"
+# gRPC status -> HTTP status and OpenAI error type
+GRPC_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+# The decoder names GenerateRequest fields; the client sent OpenAI's.
+PARAM_NAMES = {"prompt": "prompt", "chat.messages": "messages", "sampling": None, "max_new_tokens": "max_tokens",
+               "session_id": "session_id", "stop": "stop", "speculation": "speculation"}
+
+
+@dataclasses.dataclass
+class Settings:
+    decoder_target: str = "127.0.0.1:50051"
+    api_key: str | None = None  # None or empty: no authentication
+    request_timeout_s: float | None = None  # deadline of each Generate call; None: none
+    sse_ping_s: float = 15.0  # keep-alive comments on idle streams (a long prefill)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def grpc_error(e: grpc.aio.AioRpcError) -> APIError:
+    status, type_ = GRPC_ERRORS.get(e.code(), (500, "internal_error"))
+    message = e.details() or e.code().name
+    param = None
+    if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        field = message.split(":", 1)[0]
+        for prefix, name in PARAM_NAMES.items():
+            if field == prefix or field.startswith(prefix + ".") or field.startswith(prefix + "["):
+                param = None if name is None else name + field[len(prefix):]
+                break
+    return APIError(status, message, type_, param, e.code().name.lower())
+
+
+def _field_path(error: dict) -> str:
+    # pydantic puts the union member it tried in the location ("str", "list[str]"); keep the field path
+    loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+    return ".".join(p for p in loc if not (p[:1].isupper() or p.startswith(("str", "list[", "function-"))))
+
+
+def _describe(error: dict) -> str:
+    path, kind = _field_path(error), error.get("type")
+    if kind == "extra_forbidden":
+        return f"{path}: unknown or unsupported field"
+    if kind == "missing":
+        return f"{path}: required"
+    message = error.get("msg", "invalid value").removeprefix("Value error, ")
+    return f"{path}: {message}" if path else message
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+    codes = {"extra_forbidden": "unsupported_parameter", "missing": "missing_required_parameter"}
+    message = "; ".join(dict.fromkeys(_describe(e) for e in errors))  # every problem, in order, once
+    return APIError(400, message, param=_field_path(first) or None, code=codes.get(first.get("type"), "invalid_value"))
+
+
+class Gateway:
+    """The app's state: one gRPC channel to the decoder and what it serves (fetched once)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.channel = None
+        self.stub: pb_grpc.DecoderStub | None = None
+        self.health: health_pb2_grpc.HealthStub | None = None
+        self.info: pb.ModelInfoResponse | None = None
+
+    async def open(self) -> None:
+        self.channel = grpc.aio.insecure_channel(self.settings.decoder_target)
+        self.stub = pb_grpc.DecoderStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    async def model_info(self) -> pb.ModelInfoResponse:
+        if self.info is None:
+            try:
+                self.info = await self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
+            except grpc.aio.AioRpcError as e:
+                raise grpc_error(e) from None
+        return self.info
+
+    async def check_model(self, model: str) -> pb.ModelInfoResponse:
+        info = await self.model_info()
+        if model not in (info.model_id, info.identity):
+            raise APIError(404, f"model {model!r} is not served here; this server serves {info.model_id!r}",
+                           param="model", code="model_not_found")
+        return info
+
+    async def authorize(self, request: Request) -> None:
+        key = self.settings.api_key
+        if not key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken does not depend on how much of the key matched
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error",
+                           None, "invalid_api_key")
+
+    async def generate(self, kind: str, body: ChatCompletionRequest | CompletionRequest, request: Request):
+        info = await self.check_model(body.model)
+        id_ = protocol.new_id(kind)
+        session = request.headers.get(SESSION_HEADER, "")
+        req = body.to_pb(id_, session)
+        call = self.stub.Generate(req, timeout=self.settings.request_timeout_s)
+        log.info("request", kind=kind, request_id=id_, session_id=req.session_id, stream=body.stream, user=body.user)
+        try:
+            first = await call.read()  # the decoder validates before its first message
+        except grpc.aio.AioRpcError as e:
+            raise grpc_error(e) from None
+        except BaseException:
+            call.cancel()
+            raise
+        headers = {"x-request-id": id_}
+        if body.stream:
+            return EventSourceResponse(self._events(kind, id_, info.model_id, body, call, first), headers=headers,
+                                       ping=self.settings.sse_ping_s, sep="\n")
+        text, final = [], None
+        try:
+            message = first
+            while message is not grpc.aio.EOF:
+                text.append(message.text)
+                if message.finish_reason:
+                    final = message
+                message = await call.read()
+        except grpc.aio.AioRpcError as e:
+            raise grpc_error(e) from None
+        finally:
+            call.cancel()
+        _check_finished(final)
+        return JSONResponse(protocol.response(kind, id_, info.model_id, "".join(text), final), headers=headers)
+
+    async def _events(self, kind: str, id_: str, model: str, body, call, first):
+        created = int(time.time())
+        with_usage = body.include_usage()
+
+        def event(text: str, finish: str | None = None, role: bool = False) -> dict:
+            out = protocol.chunk(kind, id_, model, created, text, finish)
+            if kind == "chat":
+                out["choices"][0]["delta"] = ({"role": "assistant", "content": text} if role
+                                              else {} if finish else {"content": text})
+            if with_usage:
+                out["usage"] = None
+            return {"data": json.dumps(out)}
+
+        try:
+            if kind == "chat":
+                yield event("", role=True)
+            message = first
+            while message is not grpc.aio.EOF:
+                if message.text:
+                    yield event(message.text)
+                if message.finish_reason:
+                    _check_finished(message)
+                    yield event("", protocol.FINISH[message.finish_reason])
+                    if with_usage:
+                        yield {"data": json.dumps(protocol.chunk(kind, id_, model, created, "",
+                                                                 with_usage=protocol.usage(message), no_choices=True))}
+                    break
+                message = await call.read()
+            yield {"data": "[DONE]"}
+        except grpc.aio.AioRpcError as e:
+            yield {"data": json.dumps(grpc_error(e).body())}
+        except APIError as e:
+            yield {"data": json.dumps(e.body())}
+        finally:
+            # Also on a client disconnect (the generator is cancelled): the decoder stops this stream.
+            call.cancel()
+
+    async def ready(self) -> bool:
+        try:
+            reply = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _check_finished(final: pb.GenerateResponse | None) -> None:
+    if final is None or final.finish_reason not in protocol.FINISH:
+        reason = pb.FinishReason.Name(final.finish_reason) if final is not None else "no final message"
+        raise APIError(503, f"generation stopped early ({reason}): the decoder aborted it or is shutting down",
+                       "service_unavailable", None, "aborted")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    gateway = Gateway(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gateway.open()  # inside the server's event loop, where grpc.aio must be used
+        yield
+        await gateway.close()
+
+    app = FastAPI(title="clasp-serve OpenAI-compatible API", lifespan=lifespan)
+    app.state.gateway = gateway
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _validation_error(exc).response()
+
+    @app.get("/health")
+    async def health():
+        """Readiness: 200 while the decoder reports SERVING (loaded, warm, not draining), else 503."""
+        if await gateway.ready():
+            return {"status": "ok"}
+        return APIError(503, "the decoder is not serving (loading, draining or unreachable)", "service_unavailable",
+                        None, "unavailable").response()
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(gateway.authorize)])
+
+    def model_card(info: pb.ModelInfoResponse) -> dict:
+        return {"id": info.model_id, "object": "model", "created": 0, "owned_by": "clasp-serve",
+                "context_window": info.context_window, "num_layers": info.num_layers, "dtype": info.dtype,
+                "device": info.device, "draft_kernel": info.draft_kernel, "draft_dtype": info.draft_dtype}
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [model_card(await gateway.model_info())]}
+
+    @v1.get("/models/{model:path}")
+    async def model(model: str):
+        return model_card(await gateway.check_model(model))
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await gateway.generate("chat", body, request)
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await gateway.generate("completion", body, request)
+
+    app.include_router(v1)
+    return app
