@@ -81,8 +81,13 @@ def grpc_error(e: grpc.aio.AioRpcError) -> APIError:
 
 def _field_path(error: dict) -> str:
     # pydantic puts the union member it tried in the location ("str", "list[str]"); keep the field path
-    loc = [str(p) for p in error.get("loc", ()) if p != "body"]
-    return ".".join(p for p in loc if not (p[:1].isupper() or p.startswith(("str", "list[", "function-"))))
+    path = ""
+    for p in error.get("loc", ())[1:] if error.get("loc", ("",))[0] == "body" else error.get("loc", ()):
+        if isinstance(p, int):
+            path += f"[{p}]"
+        elif not (p[:1].isupper() or p.startswith(("str", "list[", "function-"))):
+            path += f".{p}" if path else p
+    return path
 
 
 def _describe(error: dict) -> str:
