@@ -23,6 +23,7 @@ REQUIRED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/component", "app
 GRPC_PORTS = {"decoder": 50051, "planner": 50052}
 METRICS_PORTS = {"decoder": 9091, "planner": 9092}
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")
+HTTP_GATEWAY_PORT = 8000  # python -m http_gateway, the OpenAI-compatible API beside the decoder
 
 
 def cpu_cores(q: str) -> float:
@@ -42,6 +43,30 @@ def effective_env(container: dict, configmaps: dict[str, dict]) -> dict[str, str
     for e in container.get("env", []):
         merged[e["name"]] = e.get("value") if "valueFrom" not in e else None
     return merged
+
+
+def http_gateway_problems(cw: str, c: dict, labels: dict) -> list[str]:
+    """The HTTP gateway: beside the decoder, on its port, ready only while the decoder serves."""
+    problems = []
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    if labels.get("app.kubernetes.io/component") != "decoder":
+        problems.append(f"{cw}: the HTTP gateway is not in the decoder's pod")
+    if ports.get("http") != HTTP_GATEWAY_PORT:
+        problems.append(f"{cw}: http port {ports.get('http')} is not {HTTP_GATEWAY_PORT}")
+    ready = c.get("readinessProbe", {}).get("httpGet", {})
+    if ready.get("path") != "/health" or ready.get("port") not in ("http", HTTP_GATEWAY_PORT):
+        problems.append(f"{cw}: readinessProbe is not GET /health on the http port")
+    for probe in ("startupProbe", "livenessProbe"):
+        if not c.get(probe):
+            problems.append(f"{cw}: no {probe}")
+    env = {e["name"]: e for e in c.get("env", [])}
+    host = env.get("CLASP_HTTP_HOST", env.get("CLASP_HOST", {})).get("value")
+    if host not in WILDCARD_HOSTS:
+        problems.append(f"{cw}: CLASP_HTTP_HOST is {host!r}, not one of {', '.join(WILDCARD_HOSTS)}: "
+                        "the Service and the readiness probe could not reach the gateway")
+    if "CLASP_API_KEY" not in env:
+        problems.append(f"{cw}: CLASP_API_KEY not set (the HTTP API would be open to the cluster)")
+    return problems
 
 
 def check(docs: list[dict]) -> list[str]:
@@ -101,6 +126,9 @@ def check(docs: list[dict]) -> list[str]:
                     problems.append(f"{cw}: envFrom refers to missing ConfigMap {ref['name']}")
 
             if image.rsplit("/", 1)[-1].partition(":")[0] != CLASP_IMAGE:
+                continue
+            if "http_gateway" in c.get("command", []):
+                problems += http_gateway_problems(cw, c, labels)
                 continue
             component = labels.get("app.kubernetes.io/component", "")
             ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
