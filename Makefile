@@ -11,7 +11,7 @@ PROMPT ?= Explain in three sentences why the sky is blue.
 BENCH ?= quick
 BENCH_ARGS ?=
 
-.PHONY: help setup proto kernels start run stop demo-engine test fuzz load bench bench-service bench-sampling bench-loi bench-kernels bench-planner bench-all image image-gpu image-test deploy deploy-check clean distclean
+.PHONY: help setup proto kernels start start-http run stop demo-engine test fuzz load bench bench-service bench-sampling bench-loi bench-kernels bench-planner bench-http bench-all image image-gpu image-test deploy deploy-check clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -53,6 +53,7 @@ RUN := $(CURDIR)/run
 REDIS_PORT ?= 6390
 DECODER_PORT ?= 50051
 PLANNER_PORT ?= 50052
+HTTP_PORT ?= 8000
 DECODER_THREADS ?= 2
 PLANNER_THREADS ?= 1
 # The services log in as Redis ACL user clasp (decoder_service/security.py: only their commands and
@@ -77,21 +78,29 @@ start: setup  ## start Redis, the planner and the decoder in the background; wai
 	  || { echo "decoder did not become healthy; see $(RUN)/decoder.log"; exit 1; }
 	@echo "serving: decoder 127.0.0.1:$(DECODER_PORT), planner 127.0.0.1:$(PLANNER_PORT), redis 127.0.0.1:$(REDIS_PORT); logs in run/"
 
+start-http: start  ## also start the OpenAI-compatible HTTP API (python -m http_gateway) on 127.0.0.1:$(HTTP_PORT)
+	@test -f $(RUN)/http.pid && kill -0 $$(cat $(RUN)/http.pid) 2>/dev/null || \
+	  { nohup $(PY) -m http_gateway --port $(HTTP_PORT) --decoder 127.0.0.1:$(DECODER_PORT) \
+	    > $(RUN)/http.log 2>&1 & echo $$! > $(RUN)/http.pid; }
+	@$(PY) -m http_gateway --port $(HTTP_PORT) --wait-healthy 60 \
+	  || { echo "the HTTP API did not become healthy; see $(RUN)/http.log"; exit 1; }
+	@echo "serving: OpenAI-compatible HTTP API http://127.0.0.1:$(HTTP_PORT)/v1; logs in run/http.log"
+
 run: start  ## set up, start everything, stream a demo through clients/cli.py
 	$(PY) clients/cli.py --target 127.0.0.1:$(DECODER_PORT) --session demo --max-new-tokens 200 "$(PROMPT)"
 
-# SIGTERM to the decoder and the planner together (each drains its in-flight work), wait until
+# SIGTERM to the HTTP gateway, the decoder and the planner together (each drains its in-flight work), wait until
 # both have exited, then Redis. SIGKILL after STOP_TIMEOUT_S, as the kubelet does after
 # terminationGracePeriodSeconds.
 STOP_TIMEOUT_S ?= 30
-stop:  ## stop exactly what `make start`/`make run` started; returns once each has exited
-	@declare -A pid; for n in decoder planner redis; do test -f $(RUN)/$$n.pid && pid[$$n]=$$(cat $(RUN)/$$n.pid); done; \
+stop:  ## stop exactly what `make start`/`make start-http`/`make run` started; returns once each has exited
+	@declare -A pid; for n in http decoder planner redis; do test -f $(RUN)/$$n.pid && pid[$$n]=$$(cat $(RUN)/$$n.pid); done; \
 	stop_wait() { local t=0; while kill -0 $$2 2>/dev/null; do \
 	    if ((t >= $(STOP_TIMEOUT_S) * 10)); then kill -9 $$2; echo "killed $$1 (still running after $(STOP_TIMEOUT_S) s)"; return; fi; \
 	    sleep 0.1; t=$$((t + 1)); done; echo "stopped $$1"; }; \
-	running=(); for n in decoder planner; do \
+	running=(); for n in http decoder planner; do \
 	  test -n "$${pid[$$n]:-}" && kill $${pid[$$n]} 2>/dev/null && running+=($$n) && echo "stopping $$n (draining)"; done; \
-	for n in "$${running[@]}"; do stop_wait $$n $${pid[$$n]}; done; rm -f $(RUN)/decoder.pid $(RUN)/planner.pid; \
+	for n in "$${running[@]}"; do stop_wait $$n $${pid[$$n]}; done; rm -f $(RUN)/http.pid $(RUN)/decoder.pid $(RUN)/planner.pid; \
 	if test -n "$${pid[redis]:-}" && kill $${pid[redis]} 2>/dev/null; then stop_wait redis $${pid[redis]}; fi; \
 	rm -f $(RUN)/redis.pid
 
@@ -169,7 +178,10 @@ bench-kernels: setup  ## engine benchmark: clasp with each int8 CPU draft kernel
 bench-planner: setup  ## DP time per plan vs context length, M and layers
 	$(PY) benchmarks/bench_planner.py $(BENCH_ARGS)
 
-bench-all: bench bench-service bench-sampling bench-loi bench-kernels bench-planner  ## every benchmark above, one after another
+bench-http: setup  ## HTTP API benchmark: TTFT and tok/s via the OpenAI-compatible gateway beside gRPC and in-process (~3 min)
+	$(PY) benchmarks/bench_http.py $(BENCH_ARGS)
+
+bench-all: bench bench-service bench-sampling bench-loi bench-kernels bench-planner bench-http  ## every benchmark above, one after another
 
 clean:  ## remove caches of Python and pytest
 	rm -rf .pytest_cache $$(find . -name __pycache__ -not -path './.venv/*')

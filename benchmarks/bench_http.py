@@ -35,6 +35,7 @@ import urllib.request
 from pathlib import Path
 from statistics import mean, median
 
+import psutil
 import torch
 import transformers
 
@@ -65,6 +66,7 @@ class Row:
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     ttft_s: float | None = None
+    cpu_s: dict = dataclasses.field(default_factory=dict)  # CPU seconds each process spent on this run
     matches_grpc: bool | None = None
     error: str | None = None
     text: str = dataclasses.field(default="", repr=False)
@@ -135,11 +137,23 @@ def gateway(decoder_target: str, log: Path):
         stop_process(proc)
 
 
-def run_one(q: Question, method: str, fn) -> Row:
+def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    """User + system CPU seconds of each process so far, all its threads."""
+    out = {}
+    for name, proc in processes.items():
+        t = proc.cpu_times()
+        out[name] = t.user + t.system
+    return out
+
+
+def run_one(q: Question, method: str, fn, processes: dict[str, psutil.Process]) -> Row:
     row = Row(q.question_id, q.category, method)
     try:
+        before = cpu_seconds(processes)
         for key, value in fn().items():
             setattr(row, key, value)
+        after = cpu_seconds(processes)
+        row.cpu_s = {name: after[name] - before[name] for name in processes}
         row.tokens_per_s = row.num_tokens / row.seconds if row.seconds > 0 else 0.0
     except Exception as e:
         row.error = f"{type(e).__name__}: {e}"
@@ -155,6 +169,8 @@ def aggregate(rows: list[Row]) -> dict:
             "tokens_per_s": tokens / seconds if seconds > 0 else None,
             "ttft_ms": mean(ttfts) * 1000 if ttfts else None,
             "text_mismatches_vs_grpc": sum(not r.matches_grpc for r in compared) if compared else None,
+            "cpu_ms_per_token": {name: sum(r.cpu_s.get(name, 0.0) for r in ok) / tokens * 1000
+                                 for name in ("decoder", "gateway", "driver")} if tokens else None,
             "error": next((r.error for r in rows if r.error), None)}
 
 
@@ -173,13 +189,26 @@ def render_markdown(summary: dict) -> str:
                 else f"{a['num_questions'] - a['text_mismatches_vs_grpc']}/{a['num_questions']}")
         lines.append(f"| {method} | {_fmt(a['tokens_per_s'])} | {_fmt(a['ttft_ms'], '.0f')} | {a['tokens']} | {same} |")
     r = summary["ratios"]
-    lines += ["", f"- http/grpc tokens/s: {_fmt(r.get('http_vs_grpc'), '.3f', 'x')}; grpc/engine: "
+    cpu = {m: t[m].get("cpu_ms_per_token") or {} for m in ("grpc", "http")}
+    if cpu["http"]:
+        lines += ["", "CPU time per generated token (ms; all threads of each process, from /proc: unlike wall "
+                      "time it hardly depends on what else runs on the machine):", "",
+                  "| method | decoder | gateway | driver (client) |", "|---|---:|---:|---:|"]
+        for m in ("grpc", "http"):
+            lines.append(f"| {m} | {_fmt(cpu[m].get('decoder'), '.2f')} | {_fmt(cpu[m].get('gateway'), '.3f')} | "
+                         f"{_fmt(cpu[m].get('driver'), '.3f')} |")
+    lines += ["", f"- http/grpc tokens/s: {_fmt(r.get('http_vs_grpc'), '.3f', 'x')} (median per question "
+                  f"{_fmt(r.get('http_vs_grpc_median_per_question'), '.3f', 'x')}); grpc/engine: "
                   f"{_fmt(r.get('grpc_vs_engine'), '.3f', 'x')}; http/engine: {_fmt(r.get('http_vs_engine'), '.3f', 'x')}",
               f"- mean TTFT, http minus grpc: {_fmt(r.get('ttft_http_minus_grpc_ms'), '.1f')} ms"]
     if short:
         lines.append(f"- one-token requests ({short['n']} each, alternating): median grpc {short['grpc_ms']:.1f} ms, "
                      f"http {short['http_ms']:.1f} ms: the gateway adds {short['http_ms'] - short['grpc_ms']:.1f} ms "
-                     "per request (JSON, HTTP, SSE framing and a second gRPC hop on loopback)")
+                     "per request (JSON, HTTP, SSE framing and a second gRPC hop on loopback); gateway CPU "
+                     f"{short['gateway_cpu_ms_per_request']:.1f} ms per one-token request")
+    if r.get("gateway_cpu_share") is not None:
+        lines.append(f"- the gateway's CPU time is {r['gateway_cpu_share']:.2%} of the decoder's on the same requests: "
+                     "on cores the decoder's torch threads keep busy, the most it can slow tokens/s")
     errors = [f"{k}: {v['error']}" for k, v in t.items() if v.get("error")]
     if errors:
         lines.append("- errors: " + "; ".join(errors))
@@ -216,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as resources:
         log_dir = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="clasp-bench-http-")))
         stack = resources.enter_context(service_stack(log_dir, args.threads, 1))
-        url, _ = resources.enter_context(gateway(stack.target, log_dir / "gateway.log"))
+        url, gateway_proc = resources.enter_context(gateway(stack.target, log_dir / "gateway.log"))
+        processes = {"decoder": psutil.Process(stack.processes["decoder"].pid), "gateway": psutil.Process(gateway_proc.pid),
+                     "driver": psutil.Process()}
         client = resources.enter_context(ClaspClient(stack.target))
         http = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
         model = client.model_info()["model_id"]
@@ -228,15 +259,17 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs.values():  # warm-up: first-call costs of each path
             stack.wait_idle()
             run("Say hello in one short sentence.", 8)
-        for q in questions:
-            reference = None
-            for method, run in runs.items():
+        for i, q in enumerate(questions):
+            # grpc and http alternate which goes first, so a drift in the machine's load favours neither
+            order = ("grpc", "http", "engine") if i % 2 == 0 else ("http", "grpc", "engine")
+            done = {}
+            for method in order:
                 stack.wait_idle()
-                row = run_one(q, method, lambda: run(q.prompt, args.max_new_tokens))
-                if method == "grpc":
-                    reference = row.text if row.error is None else None
-                elif reference is not None and row.error is None:
-                    row.matches_grpc = row.text == reference
+                done[method] = run_one(q, method, lambda: runs[method](q.prompt, args.max_new_tokens), processes)
+            for method in METHODS:
+                row = done[method]
+                if method != "grpc" and row.error is None and done["grpc"].error is None:
+                    row.matches_grpc = row.text == done["grpc"].text
                 rows.append(row)
                 print(f"q{q.question_id:<4d} {q.category:<14s} {method:<6s} {row.num_tokens:4d} tok "
                       f"{row.tokens_per_s:6.1f} tok/s TTFT {_fmt(row.ttft_s and row.ttft_s * 1000, '.0f')} ms"
@@ -244,18 +277,30 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
         if args.short:
             times = {"grpc": [], "http": []}
+            gateway_cpu = 0.0
             for _ in range(args.short):
                 for method in times:
                     stack.wait_idle()
+                    before = cpu_seconds(processes)
                     t0 = time.perf_counter()
                     runs[method]("Say hello.", 1)
                     times[method].append(time.perf_counter() - t0)
-            short = {"n": args.short, "grpc_ms": median(times["grpc"]) * 1000, "http_ms": median(times["http"]) * 1000}
+                    if method == "http":
+                        gateway_cpu += cpu_seconds(processes)["gateway"] - before["gateway"]
+            short = {"n": args.short, "grpc_ms": median(times["grpc"]) * 1000, "http_ms": median(times["http"]) * 1000,
+                     "gateway_cpu_ms_per_request": gateway_cpu / args.short * 1000}
 
     overall = {m: aggregate([r for r in rows if r.method == m]) for m in METHODS}
     tps = {m: overall[m]["tokens_per_s"] for m in METHODS}
     ttft = {m: overall[m]["ttft_ms"] for m in METHODS}
-    ratios = {"http_vs_grpc": tps["http"] / tps["grpc"] if tps["http"] and tps["grpc"] else None,
+    pairs = [(h.tokens_per_s / g.tokens_per_s) for g, h in zip([r for r in rows if r.method == "grpc"],
+                                                              [r for r in rows if r.method == "http"])
+             if g.error is None and h.error is None and g.tokens_per_s > 0]
+    http_cpu = overall["http"].get("cpu_ms_per_token") or {}
+    ratios = {"gateway_cpu_share": (http_cpu["gateway"] / http_cpu["decoder"]
+                                    if http_cpu.get("decoder") else None),
+              "http_vs_grpc_median_per_question": median(pairs) if pairs else None,
+              "http_vs_grpc": tps["http"] / tps["grpc"] if tps["http"] and tps["grpc"] else None,
               "grpc_vs_engine": tps["grpc"] / tps["engine"] if tps["grpc"] and tps["engine"] else None,
               "http_vs_engine": tps["http"] / tps["engine"] if tps["http"] and tps["engine"] else None,
               "ttft_http_minus_grpc_ms": ttft["http"] - ttft["grpc"] if ttft["http"] and ttft["grpc"] else None}

@@ -8,6 +8,8 @@ import logging
 import os
 import socket
 import sys
+import time
+import urllib.request
 
 import structlog
 import uvicorn
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deadline of each generation, 0 for none [CLASP_REQUEST_TIMEOUT_S]")
     p.add_argument("--grace-period-s", type=float, default=float(env("GRACE_PERIOD_S", 20)),
                    help="on SIGTERM, time in-flight requests get to finish [CLASP_GRACE_PERIOD_S]")
+    p.add_argument("--wait-healthy", type=float, default=0.0, metavar="S",
+                   help="do not serve: wait up to S seconds for the gateway at --host/--port to answer /health "
+                        "with 200, exit 1 if it does not (for scripts)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[CLASP_LOG_LEVEL]")
     return p
 
@@ -62,8 +67,27 @@ def configure_logging(level: str) -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 
 
+def wait_healthy(host: str, port: int, timeout_s: float) -> int:
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/health"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return 0
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            print(f"{url} not healthy after {timeout_s:.0f} s", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+
+
 def main() -> None:
     args = build_parser().parse_args()
+    if args.wait_healthy:
+        sys.exit(wait_healthy(args.host, args.port, args.wait_healthy))
     configure_logging(args.log_level)
     if not args.api_key and not is_loopback(args.host):
         log.warning("no API key on a non-loopback address: anyone who can reach it can generate; "

@@ -10,6 +10,7 @@ mid-stream cancels the gRPC call, and the decoder stops within one round.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hmac
@@ -173,6 +174,8 @@ class Gateway:
             return EventSourceResponse(self._events(kind, id_, info.model_id, body, call, first), headers=headers,
                                        ping=self.settings.sse_ping_s, sep="\n")
         text, final = [], None
+        # A client that goes away (a timeout, a retry) cancels the generation here too.
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, call))
         try:
             message = first
             while message is not grpc.aio.EOF:
@@ -182,37 +185,37 @@ class Gateway:
                 message = await call.read()
         except grpc.aio.AioRpcError as e:
             raise grpc_error(e) from None
+        except asyncio.CancelledError:
+            if not watcher.done():
+                raise  # this task was cancelled (shutdown), not the call by the watcher
+            log.info("client disconnected; generation cancelled", request_id=id_)
+            raise APIError(499, "client disconnected", "client_closed_request") from None
         finally:
+            watcher.cancel()
             call.cancel()
         _check_finished(final)
         return JSONResponse(protocol.response(kind, id_, info.model_id, "".join(text), final), headers=headers)
 
-    async def _events(self, kind: str, id_: str, model: str, body, call, first):
+    async def _events(self, kind: str, id_: str, model: str, body, call, first_message):
         created = int(time.time())
         with_usage = body.include_usage()
 
-        def event(text: str, finish: str | None = None, role: bool = False) -> dict:
-            out = protocol.chunk(kind, id_, model, created, text, finish)
-            if kind == "chat":
-                out["choices"][0]["delta"] = ({"role": "assistant", "content": text} if role
-                                              else {} if finish else {"content": text})
-            if with_usage:
-                out["usage"] = None
-            return {"data": json.dumps(out)}
+        def event(text: str = "", finish: str | None = None, first: bool = False) -> dict:
+            return {"data": json.dumps(protocol.chunk(kind, id_, model, created, text, finish, first, with_usage))}
 
         try:
             if kind == "chat":
-                yield event("", role=True)
-            message = first
+                yield event(first=True)
+            message = first_message
             while message is not grpc.aio.EOF:
                 if message.text:
                     yield event(message.text)
                 if message.finish_reason:
                     _check_finished(message)
-                    yield event("", protocol.FINISH[message.finish_reason])
+                    yield event(finish=protocol.FINISH[message.finish_reason])
                     if with_usage:
-                        yield {"data": json.dumps(protocol.chunk(kind, id_, model, created, "",
-                                                                 with_usage=protocol.usage(message), no_choices=True))}
+                        yield {"data": json.dumps(protocol.chunk(kind, id_, model, created, with_usage=True,
+                                                                 usage_=protocol.usage(message)))}
                     break
                 message = await call.read()
             yield {"data": "[DONE]"}
@@ -230,6 +233,13 @@ class Gateway:
         except grpc.aio.AioRpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def _cancel_on_disconnect(request: Request, call) -> None:
+    """Cancel the gRPC call once the client disconnects (the body is read: receive() waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    call.cancel()
 
 
 def _check_finished(final: pb.GenerateResponse | None) -> None:

@@ -219,27 +219,29 @@ def usage(final: pb.GenerateResponse) -> dict[str, Any]:
             "speculation": speculation_stats(final)}
 
 
-def _choice(kind: str, text: str, finish_reason: str | None, delta: bool) -> dict[str, Any]:
-    if kind == "completion":
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    body = {"role": "assistant", "content": text}
-    if delta:
-        return {"index": 0, "delta": body if text or finish_reason is None else {}, "logprobs": None,
-                "finish_reason": finish_reason}
-    return {"index": 0, "message": body, "logprobs": None, "finish_reason": finish_reason}
-
-
 def response(kind: str, id_: str, model: str, text: str, final: pb.GenerateResponse) -> dict[str, Any]:
+    """A whole (non-streamed) chat.completion or text_completion."""
+    finish = FINISH[final.finish_reason]
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+              if kind == "chat" else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
     return {"id": id_, "object": "chat.completion" if kind == "chat" else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [_choice(kind, text, FINISH[final.finish_reason], delta=False)],
-            "usage": usage(final), "system_fingerprint": None}
+            "model": model, "choices": [choice], "usage": usage(final), "system_fingerprint": None}
 
 
-def chunk(kind: str, id_: str, model: str, created: int, text: str, finish_reason: str | None = None,
-          with_usage: dict | None = None, no_choices: bool = False) -> dict[str, Any]:
+def chunk(kind: str, id_: str, model: str, created: int, text: str = "", finish_reason: str | None = None,
+          first: bool = False, with_usage: bool = False, usage_: dict | None = None) -> dict[str, Any]:
+    """One streamed chunk. Chat: the first carries the role, the last an empty delta and the finish
+    reason. with_usage (stream_options.include_usage): every chunk has "usage": null, and a last one
+    with no choices carries it (usage_)."""
+    if usage_ is not None:
+        choices = []
+    elif kind == "chat":
+        delta = {"role": "assistant", "content": text} if first else {} if finish_reason else {"content": text}
+        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    else:
+        choices = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
     out = {"id": id_, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "created": created,
-           "model": model, "choices": [] if no_choices else [_choice(kind, text, finish_reason, delta=True)],
-           "system_fingerprint": None}
-    if with_usage is not None or no_choices:
-        out["usage"] = with_usage
+           "model": model, "choices": choices, "system_fingerprint": None}
+    if with_usage:
+        out["usage"] = usage_
     return out

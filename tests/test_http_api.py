@@ -182,6 +182,13 @@ def test_client_disconnect_mid_stream_stops_the_decoder(stack, gateways):  # noq
     stream.close()
     wait_for(lambda: metric(stack, "clasp_cancelled_requests_total") > before, 30, "the decoder to stop the stream")
     wait_for(lambda: metric(stack, "clasp_active_requests") == 0, 30, "no stream left decoding")
+    # Not streamed: a client that times out (and would retry) stops the generation too.
+    before = metric(stack, "clasp_cancelled_requests_total")
+    with pytest.raises(openai.APITimeoutError):
+        gateways["open"].client().with_options(timeout=1.5).completions.create(model=MODEL, prompt=RAW_PROMPT,
+                                                                                max_tokens=400)
+    wait_for(lambda: metric(stack, "clasp_cancelled_requests_total") > before, 30, "the decoder to stop the request")
+    wait_for(lambda: metric(stack, "clasp_active_requests") == 0, 30, "no stream left decoding")
 
 
 def test_overload_is_429(stack, gateways):  # noqa: F811
