@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     import openai
 
     args = build_parser().parse_args(argv)
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the finally blocks stop every process started here
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     questions = load_questions(args.questions, args.per_category)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

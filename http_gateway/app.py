@@ -52,6 +52,7 @@ class Settings:
     api_key: str | None = None  # None or empty: no authentication
     request_timeout_s: float | None = None  # deadline of each Generate call; None: none
     sse_ping_s: float = 15.0  # keep-alive comments on idle streams (a long prefill)
+    max_body_bytes: int = 4 << 20  # gRPC's default message limit: a larger request could not reach the decoder
 
 
 class APIError(Exception):
@@ -70,6 +71,9 @@ class APIError(Exception):
 def grpc_error(e: grpc.aio.AioRpcError) -> APIError:
     status, type_ = GRPC_ERRORS.get(e.code(), (500, "internal_error"))
     message = e.details() or e.code().name
+    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in message:
+        return APIError(413, f"request too large for the decoder: {message}", "invalid_request_error", None,
+                        "request_too_large")  # gRPC's message size limit, not a full queue
     param = None
     if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
         field = message.split(":", 1)[0]
@@ -109,6 +113,22 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     codes = {"extra_forbidden": "unsupported_parameter", "missing": "missing_required_parameter"}
     message = "; ".join(dict.fromkeys(_describe(e) for e in errors))  # every problem, in order, once
     return APIError(400, message, param=_field_path(first) or None, code=codes.get(first.get("type"), "invalid_value"))
+
+
+class BodyLimit:
+    """ASGI middleware: a 413 in OpenAI's shape for a declared body over max_bytes, before it is read
+    (gRPC's own limit is 4 MiB a message; a chunked body over it gets the same 413 from grpc_error)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > self.max_bytes:
+                error = APIError(413, f"request body over {self.max_bytes} bytes", code="request_too_large")
+                return await error.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class Gateway:
@@ -301,4 +321,5 @@ def create_app(settings: Settings) -> FastAPI:
         return await gateway.generate("completion", body, request)
 
     app.include_router(v1)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
 import os
 import subprocess
@@ -16,7 +18,7 @@ import openai
 import pytest
 
 from clasp.plan_exchange import plan_key
-from clients.sdk import ClaspClient
+from clients.sdk import AsyncClaspClient, ClaspClient
 from http_gateway.app import grpc_error
 from test_services import REPO, free_port, metric, stack, wait_for  # noqa: F401  (stack: the module's services)
 
@@ -78,6 +80,12 @@ def grpc_chat(stack):  # noqa: F811
 def test_models_health_and_model_info(stack, gateways):  # noqa: F811
     with ClaspClient(stack["target"]) as client:
         info = client.model_info()
+
+    async def async_info():
+        async with AsyncClaspClient(stack["target"]) as client:
+            return await client.model_info()
+
+    assert asyncio.run(async_info()) == info
     assert info["model_id"] == MODEL and info["num_layers"] == 30 and info["context_window"] > 1000
     assert info["dtype"] == "float32" and info["device"] == "cpu" and info["draft_kernel"] in ("fused", "torch")
     assert info["identity"].startswith(MODEL + ":30x")
@@ -164,6 +172,18 @@ def test_bad_fields_are_400_naming_them(gateways, kwargs, param):
     error = e.value.body  # the client unwraps {"error": {...}}
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["param"] == param and param.split(".")[0].split("[")[0] in error["message"]
+
+
+def test_body_over_the_limit_is_413(gateways):
+    """Refused on the declared length, before the body is read (so the client need not send 5 MiB here)."""
+    connection = http.client.HTTPConnection("127.0.0.1", gateways["open"].port, timeout=30)
+    connection.putrequest("POST", "/v1/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(5 << 20))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+    connection.close()
 
 
 def test_unknown_model_is_404(gateways):
