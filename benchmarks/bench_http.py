@@ -46,8 +46,8 @@ if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
 
 from benchmarks.bench_engine import (DEFAULT_OUT, QUICK_MAX_NEW_TOKENS, Question, _fmt, git_commit,  # noqa: E402
                                      load_questions, machine_info, DEFAULT_QUESTIONS)
-from benchmarks.bench_service import (free_port, log_tail, service_env, service_stack, start_process,  # noqa: E402
-                                      stop_process)
+from benchmarks.bench_service import (free_port, log_tail, process_peak_rss_mib, service_env,  # noqa: E402
+                                      service_stack, start_process, stop_process)
 from clasp.config import SamplingParams  # noqa: E402
 from clasp.engine import Engine  # noqa: E402
 from clasp.loading import resolve_device  # noqa: E402
@@ -213,7 +213,8 @@ def render_markdown(summary: dict) -> str:
     errors = [f"{k}: {v['error']}" for k, v in t.items() if v.get("error")]
     if errors:
         lines.append("- errors: " + "; ".join(errors))
-    lines.append(f"- wall time {meta['wall_seconds']:.0f} s")
+    rss = ", ".join(f"{n} {_fmt(v, '.0f')}" for n, v in (meta.get("peak_rss_mib") or {}).items())
+    lines.append(f"- peak RSS MiB: {rss}; wall time {meta['wall_seconds']:.0f} s")
     return "\n".join(lines) + "\n"
 
 
@@ -293,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             short = {"n": args.short, "grpc_ms": median(times["grpc"]) * 1000, "http_ms": median(times["http"]) * 1000,
                      "gateway_cpu_ms_per_request": gateway_cpu / args.short * 1000}
 
+        peak_rss = {name: process_peak_rss_mib(p.pid) for name, p in processes.items()}
     overall = {m: aggregate([r for r in rows if r.method == m]) for m in METHODS}
     tps = {m: overall[m]["tokens_per_s"] for m in METHODS}
     ttft = {m: overall[m]["ttft_ms"] for m in METHODS}
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"timestamp": timestamp.isoformat(timespec="seconds"), "machine": machine_info(resolve_device("auto")),
             "model": model, "git_commit": git_commit(), "methods": list(METHODS), "threads": args.threads,
             "max_new_tokens": args.max_new_tokens, "num_questions": len(questions),
-            "wall_seconds": time.perf_counter() - started}
+            "peak_rss_mib": peak_rss, "wall_seconds": time.perf_counter() - started}
     summary = {"meta": meta, "overall": overall, "ratios": ratios, "short": short,
                "rows": [{k: v for k, v in dataclasses.asdict(r).items() if k != "text"} for r in rows]}
     tag = args.tag or timestamp.strftime("%Y%m%d-%H%M%S")

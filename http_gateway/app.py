@@ -182,21 +182,16 @@ class Gateway:
         req = body.to_pb(id_, session)
         call = self.stub.Generate(req, timeout=self.settings.request_timeout_s)
         log.info("request", kind=kind, request_id=id_, session_id=req.session_id, stream=body.stream, user=body.user)
+        # A client that goes away (a timeout, a retry) cancels the generation, also while it waits
+        # for a decode slot or its prefill; once a stream has started, sse-starlette watches instead.
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, call))
+        text, final = [], None
         try:
             first = await call.read()  # the decoder validates before its first message
-        except grpc.aio.AioRpcError as e:
-            raise grpc_error(e) from None
-        except BaseException:
-            call.cancel()
-            raise
-        headers = {"x-request-id": id_}
-        if body.stream:
-            return EventSourceResponse(self._events(kind, id_, info.model_id, body, call, first), headers=headers,
-                                       ping=self.settings.sse_ping_s, sep="\n")
-        text, final = [], None
-        # A client that goes away (a timeout, a retry) cancels the generation here too.
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, call))
-        try:
+            if body.stream:
+                watcher.cancel()
+                return EventSourceResponse(self._events(kind, id_, info.model_id, body, call, first),
+                                           headers={"x-request-id": id_}, ping=self.settings.sse_ping_s, sep="\n")
             message = first
             while message is not grpc.aio.EOF:
                 text.append(message.text)
@@ -207,14 +202,19 @@ class Gateway:
             raise grpc_error(e) from None
         except asyncio.CancelledError:
             if not watcher.done():
+                call.cancel()
                 raise  # this task was cancelled (shutdown), not the call by the watcher
             log.info("client disconnected; generation cancelled", request_id=id_)
             raise APIError(499, "client disconnected", "client_closed_request") from None
+        except BaseException:
+            call.cancel()
+            raise
         finally:
             watcher.cancel()
-            call.cancel()
+        call.cancel()
         _check_finished(final)
-        return JSONResponse(protocol.response(kind, id_, info.model_id, "".join(text), final), headers=headers)
+        return JSONResponse(protocol.response(kind, id_, info.model_id, "".join(text), final),
+                            headers={"x-request-id": id_})
 
     async def _events(self, kind: str, id_: str, model: str, body, call, first_message):
         created = int(time.time())

@@ -121,6 +121,14 @@ def test_chat_greedy_equals_grpc_streaming_and_not(gateways, grpc_chat):
     assert all(c.usage is None for c in chunks[:-1]) and len({c.id for c in chunks}) == 1
 
 
+def test_seeded_sampling_equals_grpc(stack, gateways):  # noqa: F811
+    with ClaspClient(stack["target"]) as client:
+        reference = client.generate(messages=MESSAGES, max_new_tokens=16, temperature=0.8, top_p=0.9, seed=7)
+    out = gateways["open"].client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16,
+                                                            temperature=0.8, top_p=0.9, seed=7, user="tester")
+    assert out.choices[0].message.content == reference.text
+
+
 def test_completions_and_stop_strings(stack, gateways):  # noqa: F811
     client = gateways["open"].client()
     with ClaspClient(stack["target"]) as grpc_client:
