@@ -16,9 +16,13 @@ def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def draft_description(runner) -> tuple[str, bool, str]:
-    """(kernel, has its own copy, the copy's dtype) of the runner's draft."""
-    kernel = "fused" if getattr(runner, "fused_draft", None) is not None else "torch"
+def draft_description(engine: Engine) -> tuple[str, bool, str]:
+    """(kernel, has its own copy, the copy's dtype) of the engine's draft. The kernel is the one
+    chosen at load (Engine.draft_kernel, e.g. fused-avx512-vnni), else "torch" for torch ops."""
+    runner = engine.runner
+    choice = getattr(engine, "draft_kernel", None)
+    kernel = getattr(choice, "chosen", None) or ("fused" if getattr(runner, "fused_draft", None) is not None
+                                                 else "torch")
     has_copy = bool(getattr(runner, "draft_has_copy", False))
     if not has_copy:
         return kernel, False, _dtype_name(runner.dtype)
@@ -29,7 +33,7 @@ def draft_description(runner) -> tuple[str, bool, str]:
 
 def model_info(engine: Engine) -> pb.ModelInfoResponse:
     runner, spec = engine.runner, engine.runner.spec
-    kernel, has_copy, draft_dtype = draft_description(runner)
+    kernel, has_copy, draft_dtype = draft_description(engine)
     return pb.ModelInfoResponse(
         model_id=engine.model_name, identity=engine.identity, context_window=spec.max_context,
         num_layers=spec.num_layers, dtype=_dtype_name(runner.dtype), device=str(runner.device),

@@ -87,7 +87,7 @@ def test_models_health_and_model_info(stack, gateways):  # noqa: F811
 
     assert asyncio.run(async_info()) == info
     assert info["model_id"] == MODEL and info["num_layers"] == 30 and info["context_window"] > 1000
-    assert info["dtype"] == "float32" and info["device"] == "cpu" and info["draft_kernel"] in ("fused", "torch")
+    assert info["dtype"] == "float32" and info["device"] == "cpu" and info["draft_kernel"].startswith(("fused", "torch"))
     assert info["identity"].startswith(MODEL + ":30x")
     models = gateways["open"].client().models.list().data
     assert [m.id for m in models] == [MODEL]
