@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import importlib.util
 import json
 import signal
 import sys
@@ -182,7 +183,7 @@ def render_markdown(summary: dict) -> str:
              f"{m['processor']} ({m['cpu_count']} CPUs; decoder and engine torch threads {meta['threads']}; "
              f"{m['device']}), model {meta['model']}, commit {meta['git_commit'] or 'unknown'}, max new tokens "
              f"{meta['max_new_tokens']}, {meta['num_questions']} questions, greedy, server-default mode, "
-             f"{meta['timestamp']}.", "",
+             f"{meta['timestamp']}; the gateway's HTTP parser: {meta.get('gateway_http_parser', 'h11')}.", "",
              "| method | tok/s | mean TTFT ms | tokens | text equal to grpc |", "|---|---:|---:|---:|---:|"]
     for method in meta["methods"]:
         a = t[method]
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"timestamp": timestamp.isoformat(timespec="seconds"), "machine": machine_info(resolve_device("auto")),
             "model": model, "git_commit": git_commit(), "methods": list(METHODS), "threads": args.threads,
             "max_new_tokens": args.max_new_tokens, "num_questions": len(questions),
+            "gateway_http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",  # uvicorn's "auto"
             "peak_rss_mib": peak_rss, "wall_seconds": time.perf_counter() - started}
     summary = {"meta": meta, "overall": overall, "ratios": ratios, "short": short,
                "rows": [{k: v for k, v in dataclasses.asdict(r).items() if k != "text"} for r in rows]}
