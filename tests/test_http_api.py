@@ -258,6 +258,8 @@ def test_auth_on_and_off(gateways):
             secured.client(api_key=key).models.list()
         assert e.value.status_code == 401 and e.value.body["type"] == "authentication_error"
         assert e.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):  # checked before the body: no validation details leak
+        secured.client(api_key="wrong-key").chat.completions.create(model=MODEL, messages=MESSAGES, n=2)
     status, body = secured.get("/v1/models", headers={})
     assert status == 401 and set(body["error"]) == {"message", "type", "param", "code"}
     assert [m.id for m in secured.client(api_key=API_KEY).models.list().data] == [MODEL]
