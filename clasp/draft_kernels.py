@@ -4,7 +4,8 @@ Kernels rank differently on different CPUs, and a fast kernel can be a wrong one
 VNNI, fbgemm's full-range int8 products saturate 16-bit sums and its draft agrees with the model
 on about half the tokens the exact kernels do (docs/performance.md). So nothing is picked from a
 CPU flag. Every candidate this machine can run drafts a fixed text one token at a time on the
-model's own weights; it is timed, and its next-token choices are compared with the fp32 model's
+model's own weights, the candidates taking turns token by token so that load from elsewhere
+slows them alike; each is timed, and its next-token choices are compared with the fp32 model's
 on the same text. The fastest candidate whose agreement is close to the best one's is chosen.
 
 Candidates (config.DRAFT_KERNELS):
@@ -40,9 +41,10 @@ CALIBRATION_TEXT = ("The history of the printing press begins in the fifteenth c
 AGREEMENT_MARGIN = 0.1
 MIN_AGREEMENT = 0.5
 WARM_UP_TOKENS = 4
-# A candidate more than this many times slower than one already measured to be accurate stops
-# after a few timed tokens: it cannot be the fastest accurate one (saves ~1-2 s of load).
+# A candidate more than this many times slower than one that has agreed with the model so far
+# stops after a few timed tokens: it cannot be the fastest accurate one (saves ~1-2 s of load).
 GIVE_UP_RATIO = 1.8
+GIVE_UP_MIN_AGREEMENT = 0.7
 TIMED_BEFORE_GIVING_UP = 8
 
 
@@ -80,7 +82,10 @@ class DraftCopies:
         """current: the kernel the runner's draft copy already uses (it is reused, not rebuilt)."""
         self.runner = runner
         self._fused = (runner.draft_weights, runner.fused_draft) if current in FUSED else None
-        self._fbgemm = runner.draft_weights if current in TORCH else None
+        self._fbgemm = None  # {reduce_range: weights}
+        if current in TORCH:
+            full = _with_reduce_range(runner.draft_weights, False)
+            self._fbgemm = {False: full, True: _with_reduce_range(full, True)}
 
     def install(self, name: str) -> None:
         from clasp.cpu_draft import FusedDraft
@@ -93,15 +98,15 @@ class DraftCopies:
                 self._fused = (r.draft_weights, r.fused_draft)
             weights, fused = self._fused
             assert isinstance(fused, FusedDraft)
-            fused.isa = isa
+            if fused.isa != isa:
+                fused.isa = isa
             r.draft_weights, r.fused_draft = weights, fused
         elif name in TORCH:
             if self._fbgemm is None:
                 r.set_draft_dtype(torch.int8, "fbgemm")
-                self._fbgemm = r.draft_weights
-            reduce_range = name == "torch-fbgemm-7bit"
+                self._fbgemm = {False: r.draft_weights, True: _with_reduce_range(r.draft_weights, True)}
             r.fused_draft = None
-            r.draft_weights = _with_reduce_range(self._fbgemm, reduce_range)
+            r.draft_weights = self._fbgemm[name == "torch-fbgemm-7bit"]
         else:
             raise ValueError(f"draft kernel must be one of {', '.join(DRAFT_KERNELS)}, got {name!r}")
 
@@ -122,24 +127,63 @@ def reference_choices(runner: ModelRunner, ids: torch.Tensor) -> torch.Tensor:
     return runner.forward(ids, cache, 0).argmax(-1)
 
 
-def measure(runner: ModelRunner, ids: torch.Tensor, reference: torch.Tensor,
-            give_up_ms: float | None = None) -> tuple[float, float | None]:
+def measure(runner: ModelRunner, ids: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
     """(median ms per draft token, agreement) of the runner's current draft over ids [T]: the
-    draft runs the text one token at a time with no layer skipped, on its own cache. With
-    give_up_ms, a draft whose median over the first timed tokens is slower stops there, with
-    agreement None (it could not be chosen over the faster one anyway)."""
+    draft runs the text one token at a time with no layer skipped, on its own cache."""
     cache = runner.new_cache(ids.shape[0])
     times, choices = [], []
     for position in range(ids.shape[0]):
         t0 = time.perf_counter()
-        logits = runner.forward(ids[position:position + 1], cache, position, draft=True)
+        choices.append(runner.forward(ids[position:position + 1], cache, position, draft=True)[0].argmax())
         times.append(time.perf_counter() - t0)
-        choices.append(logits[0].argmax())
-        if (give_up_ms is not None and position + 1 == WARM_UP_TOKENS + TIMED_BEFORE_GIVING_UP
-                and statistics.median(times[WARM_UP_TOKENS:]) * 1e3 > give_up_ms):
-            return statistics.median(times[WARM_UP_TOKENS:]) * 1e3, None
-    agreement = float((torch.stack(choices) == reference[:len(choices)]).float().mean())
+    agreement = float((torch.stack(choices) == reference).float().mean())
     return statistics.median(times[WARM_UP_TOKENS:]) * 1e3, agreement
+
+
+def _lockstep(runner: ModelRunner, drafts: "DraftCopies", names: list[str], ids: torch.Tensor,
+              reference: torch.Tensor, give_up: bool) -> list[Candidate]:
+    """measure() for several candidates at once, token by token in turn (rotating who goes first),
+    so that a burst of load from elsewhere slows them alike instead of one of them. With give_up,
+    after WARM_UP_TOKENS + TIMED_BEFORE_GIVING_UP tokens a candidate over GIVE_UP_RATIO times slower
+    than one that has agreed so far stops (agreement None: it cannot be the fastest accurate one)."""
+    errors, times, choices = {}, {}, {}
+    for name in names:
+        try:
+            drafts.install(name)  # builds each copy once, before any timing
+            times[name], choices[name] = [], []
+        except (RuntimeError, ValueError) as e:
+            errors[name] = str(e).splitlines()[0]
+    active = list(times)
+    caches = {name: runner.new_cache(ids.shape[0]) for name in active}
+    stopped = {}
+    for position in range(ids.shape[0]):
+        turn = position % max(len(active), 1)
+        for name in active[turn:] + active[:turn]:
+            drafts.install(name)
+            t0 = time.perf_counter()
+            logits = runner.forward(ids[position:position + 1], caches[name], position, draft=True)
+            choices[name].append(int(logits[0].argmax()))
+            times[name].append(time.perf_counter() - t0)
+        if give_up and position + 1 == WARM_UP_TOKENS + TIMED_BEFORE_GIVING_UP:
+            so_far = reference[:position + 1].tolist()
+            ms = {n: statistics.median(times[n][WARM_UP_TOKENS:]) * 1e3 for n in active}
+            agreeing = [ms[n] for n in active
+                        if sum(a == b for a, b in zip(choices[n], so_far)) / len(so_far) >= GIVE_UP_MIN_AGREEMENT]
+            if agreeing:
+                stopped = {n: ms[n] for n in active if ms[n] > GIVE_UP_RATIO * min(agreeing)}
+                active = [n for n in active if n not in stopped]
+    measured = []
+    for name in names:
+        if name in errors:
+            measured.append(Candidate(name, None, None, error=errors[name]))
+        elif name in stopped:
+            measured.append(Candidate(name, stopped[name], None, error=(
+                f"stopped after {TIMED_BEFORE_GIVING_UP} timed tokens: over {GIVE_UP_RATIO}x slower than an "
+                f"agreeing candidate")))
+        else:
+            agreement = sum(a == b for a, b in zip(choices[name], reference.tolist())) / len(choices[name])
+            measured.append(Candidate(name, statistics.median(times[name][WARM_UP_TOKENS:]) * 1e3, agreement))
+    return measured
 
 
 def available(runner: ModelRunner) -> list[str]:
@@ -187,17 +231,11 @@ def choose(runner: ModelRunner, ids: torch.Tensor, candidates: list[str]) -> Dra
     t0 = time.perf_counter()
     reference = reference_choices(runner, ids)
     drafts = DraftCopies(runner)
-    measured = []
-    for name in candidates:
-        accurate = [c.ms_per_token for c in measured if c.agreement is not None and c.agreement >= MIN_AGREEMENT]
-        try:
-            drafts.install(name)
-            ms, agreement = measure(runner, ids, reference, min(accurate) * GIVE_UP_RATIO if accurate else None)
-            measured.append(Candidate(name, ms, agreement, error=None if agreement is not None else
-                                      f"stopped after {TIMED_BEFORE_GIVING_UP} timed tokens: over "
-                                      f"{GIVE_UP_RATIO}x slower than an accurate candidate"))
-        except (RuntimeError, ValueError) as e:
-            measured.append(Candidate(name, None, None, error=str(e).splitlines()[0]))
+    measured = _lockstep(runner, drafts, candidates, ids, reference, give_up=True)
+    stopped = [c.name for c in measured if c.agreement is None and c.ms_per_token is not None]
+    if stopped and not any(c.agreement is not None and c.agreement >= MIN_AGREEMENT for c in measured):
+        rerun = {c.name: c for c in _lockstep(runner, drafts, stopped, ids, reference, give_up=False)}
+        measured = [rerun.get(c.name, c) for c in measured]
     chosen, measured = select(measured)
     drafts.install(chosen)
     choice = DraftKernelChoice(chosen, tuple(measured), int(ids.shape[0]), time.perf_counter() - t0)

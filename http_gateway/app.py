@@ -28,6 +28,7 @@ from sse_starlette import EventSourceResponse
 
 from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
+from clients.sdk import token_from_env
 from http_gateway import protocol
 from http_gateway.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -140,6 +141,10 @@ class Gateway:
         self.stub: pb_grpc.DecoderStub | None = None
         self.health: health_pb2_grpc.HealthStub | None = None
         self.info: pb.ModelInfoResponse | None = None
+        # The decoder's own bearer token (CLASP_AUTH_TOKEN_FILE / CLASP_AUTH_TOKEN), when it requires one:
+        # HTTP clients authenticate to the gateway with the API key, the gateway to the decoder with this.
+        token = token_from_env()
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     async def open(self) -> None:
         self.channel = grpc.aio.insecure_channel(self.settings.decoder_target)
@@ -153,7 +158,7 @@ class Gateway:
     async def model_info(self) -> pb.ModelInfoResponse:
         if self.info is None:
             try:
-                self.info = await self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
+                self.info = await self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=10, metadata=self.metadata)
             except grpc.aio.AioRpcError as e:
                 raise grpc_error(e) from None
         return self.info
@@ -180,7 +185,7 @@ class Gateway:
         id_ = protocol.new_id(kind)
         session = request.headers.get(SESSION_HEADER, "")
         req = body.to_pb(id_, session)
-        call = self.stub.Generate(req, timeout=self.settings.request_timeout_s)
+        call = self.stub.Generate(req, timeout=self.settings.request_timeout_s, metadata=self.metadata)
         log.info("request", kind=kind, request_id=id_, session_id=req.session_id, stream=body.stream, user=body.user)
         # A client that goes away (a timeout, a retry) cancels the generation, also while it waits
         # for a decode slot or its prefill; once a stream has started, sse-starlette watches instead.
