@@ -19,7 +19,8 @@ import pytest
 
 from clasp.plan_exchange import plan_key
 from clients.sdk import AsyncClaspClient, ClaspClient
-from http_gateway.app import Gateway, Settings, grpc_error
+from http_gateway import app as gateway_app
+from http_gateway.app import grpc_error
 from test_services import REPO, free_port, metric, stack, wait_for  # noqa: F401  (stack: the module's services)
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -296,10 +297,10 @@ def test_the_gateway_sends_the_decoders_token_when_one_is_configured(monkeypatch
     (CLASP_AUTH_TOKEN_FILE, else CLASP_AUTH_TOKEN), on every Generate and ModelInfo call."""
     monkeypatch.delenv("CLASP_AUTH_TOKEN_FILE", raising=False)
     monkeypatch.delenv("CLASP_AUTH_TOKEN", raising=False)
-    assert Gateway(Settings()).metadata is None
+    assert gateway_app.Gateway(gateway_app.Settings()).metadata is None
     monkeypatch.setenv("CLASP_AUTH_TOKEN", "t" * 24)
-    assert Gateway(Settings()).metadata == (("authorization", "Bearer " + "t" * 24),)
+    assert gateway_app.Gateway(gateway_app.Settings()).metadata == (("authorization", "Bearer " + "t" * 24),)
     tokens = tmp_path / "tokens"
     tokens.write_text("# identity:token\ngateway:" + "g" * 24 + "\n")
     monkeypatch.setenv("CLASP_AUTH_TOKEN_FILE", str(tokens))
-    assert Gateway(Settings()).metadata == (("authorization", "Bearer " + "g" * 24),)
+    assert gateway_app.Gateway(gateway_app.Settings()).metadata == (("authorization", "Bearer " + "g" * 24),)
