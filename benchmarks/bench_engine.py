@@ -64,7 +64,7 @@ if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
 from benchmarks.chart import chart_title, render_chart  # noqa: E402
 from clasp import draft_kernels  # noqa: E402
 from clasp.config import DRAFT_DTYPE_CHOICES, ClaspConfig, SamplingParams  # noqa: E402
-from clasp.cpu_draft import cpu_flags  # noqa: E402
+from clasp.cpu_draft import cpu_flags, cpu_name  # noqa: E402
 from clasp.draft_kernels import DraftCopies  # noqa: E402
 from clasp.engine import Engine  # noqa: E402
 from clasp.loading import load_model, resolve_device, resolve_dtype  # noqa: E402
@@ -376,18 +376,6 @@ def git_commit() -> str | None:
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else what platform knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(device: torch.device) -> dict:

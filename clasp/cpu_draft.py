@@ -54,6 +54,18 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else what platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def supported_isas() -> list[str]:
     """The kernel's instruction sets this CPU can run (asked of the CPU by the compiled kernel)."""
     ext = load_extension()

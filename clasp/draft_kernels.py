@@ -20,12 +20,17 @@ The draft only proposes tokens, so the choice changes speed and acceptance, neve
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
+from clasp.loading import cache_dir
 from clasp.config import DRAFT_KERNELS, FUSED_DRAFT_KERNELS as FUSED, TORCH_DRAFT_KERNELS as TORCH
 from clasp.model_runner import ModelRunner
 
@@ -67,11 +72,18 @@ class DraftKernelChoice:
     chosen: str
     candidates: tuple[Candidate, ...]
     calibration_tokens: int
-    seconds: float  # load time spent measuring
+    seconds: float  # load time spent measuring (by the process that measured)
+    cached: bool = False  # read from this machine's calibration cache instead of measured now
 
     def as_dict(self) -> dict:
         return {"chosen": self.chosen, "calibration_tokens": self.calibration_tokens,
-                "seconds": round(self.seconds, 3), "candidates": [c.as_dict() for c in self.candidates]}
+                "seconds": round(self.seconds, 3), "cached": self.cached,
+                "candidates": [c.as_dict() for c in self.candidates]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DraftKernelChoice":
+        return cls(str(d["chosen"]), tuple(Candidate(**c) for c in d["candidates"]), int(d["calibration_tokens"]),
+                   float(d["seconds"]), True)
 
 
 class DraftCopies:
@@ -249,3 +261,44 @@ def _describe(c: Candidate) -> str:
     if c.ms_per_token is not None:
         return f"{c.name} {c.ms_per_token:.2f} ms (slower: accuracy not checked)"
     return f"{c.name} unavailable ({c.error})"
+
+
+def cache_path(model_identity: str, candidates: list[str]) -> Path:
+    """Where this machine's choice for this model and candidate list is kept: keyed by everything
+    the measurement depends on (CPU model and flags, torch, the kernel's source, the model's
+    identity and shapes, the calibration text and the rule), so any change measures anew."""
+    from clasp import cpu_draft
+
+    key = json.dumps({"cpu": cpu_draft.cpu_name(), "flags": cpu_draft.cpu_flags(), "torch": torch.__version__,
+                      "kernel": hashlib.sha256(cpu_draft.SOURCE.read_bytes()).hexdigest(), "model": model_identity,
+                      "candidates": candidates, "text": CALIBRATION_TEXT,
+                      "rule": [AGREEMENT_MARGIN, MIN_AGREEMENT, WARM_UP_TOKENS, GIVE_UP_RATIO, GIVE_UP_MIN_AGREEMENT,
+                               TIMED_BEFORE_GIVING_UP], "threads": torch.get_num_threads()}, sort_keys=True)
+    return cache_dir() / "calibration" / f"draft-kernel-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+
+def choose_cached(runner: ModelRunner, ids: torch.Tensor, candidates: list[str],
+                  model_identity: str) -> DraftKernelChoice:
+    """choose(), measured once per machine: a later load of the same model with the same
+    candidates installs the recorded choice without measuring (CLASP_RECALIBRATE=1 measures
+    anyway). Measuring costs seconds of every start; the cache is a small JSON file, written
+    atomically, and a read-only or missing cache directory only means measuring each time."""
+    path = cache_path(model_identity, candidates)
+    if path.exists() and os.environ.get("CLASP_RECALIBRATE", "") in ("", "0"):
+        try:
+            choice = DraftKernelChoice.from_dict(json.loads(path.read_text()))
+            if choice.chosen in candidates:
+                DraftCopies(runner).install(choice.chosen)
+                log.info("draft kernel %s (measured earlier on this machine: %s)", choice.chosen, path)
+                return choice
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            log.warning("ignoring the draft kernel calibration cache %s (%s): measuring", path, e)
+    choice = choose(runner, ids, candidates)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(choice.as_dict(), indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.info("draft kernel choice not cached (%s)", e)
+    return choice

@@ -40,7 +40,7 @@ def physical_memory() -> int:
 
 
 def _set_up_draft(runner: ModelRunner, config: ClaspConfig, fused_draft: bool | None, draft_kernel: str | None,
-                  calibration_ids: torch.Tensor) -> DraftKernelChoice | None:
+                  calibration_ids: torch.Tensor, model_identity: str) -> DraftKernelChoice | None:
     """Give the runner its draft copy per config.draft_dtype. An int8 copy on CPU gets the kernel
     chosen by measurement (clasp.draft_kernels) among those allowed: all (fused_draft None), the
     fused C++ draft's (True), torch ops' (False), or exactly `draft_kernel`."""
@@ -66,7 +66,7 @@ def _set_up_draft(runner: ModelRunner, config: ClaspConfig, fused_draft: bool | 
             raise ValueError("fused_draft: the fused CPU draft cannot run here (no compiled kernel, or a model "
                              "it does not cover: it needs a float32 model without q/k norms)")
     try:
-        return draft_kernels.choose(runner, calibration_ids, names)
+        return draft_kernels.choose_cached(runner, calibration_ids, names, model_identity)
     except ValueError as e:
         if forced:
             raise
@@ -76,6 +76,11 @@ def _set_up_draft(runner: ModelRunner, config: ClaspConfig, fused_draft: bool | 
         log.warning("no int8 kernel runs here (%s): the draft copy falls back to float16", e)
         runner.set_draft_dtype(torch.float16)
         return None
+
+
+def shaped_identity(model_name: str, spec) -> str:
+    """Model name and shape: what a plan must match, and what a calibration is kept for."""
+    return f"{model_name}:{spec.num_layers}x{spec.hidden_size}:{spec.vocab_size}"
 
 
 class Engine:
@@ -108,7 +113,8 @@ class Engine:
             eos_ids.add(tokenizer.eos_token_id)
         runner = ModelRunner.from_hf(model, release=True)
         calibration_ids = torch.tensor(tokenizer(draft_kernels.CALIBRATION_TEXT)["input_ids"], device=runner.device)
-        choice = _set_up_draft(runner, config, fused_draft, draft_kernel, calibration_ids)
+        choice = _set_up_draft(runner, config, fused_draft, draft_kernel, calibration_ids,
+                               shaped_identity(model_identity(model_path), runner.spec))
         if pack_weights is None:
             pack_weights = (ModelRunner.packing_available(runner.device, runner.dtype)
                             and runner.weights.nbytes() <= physical_memory() // 4)
@@ -122,8 +128,7 @@ class Engine:
     @property
     def identity(self) -> str:
         """What a plan must match to be applied: model name and shape."""
-        s = self.runner.spec
-        return f"{self.model_name}:{s.num_layers}x{s.hidden_size}:{s.vocab_size}"
+        return shaped_identity(self.model_name, self.runner.spec)
 
     def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None, chat: bool = True) -> list[int]:
         """Token ids for raw text (chat=False), or for a chat prompt through the model's template."""

@@ -105,3 +105,26 @@ def test_selection_takes_the_fastest_accurate_kernel():
     assert chosen == "b"  # none passes the floor: the most accurate
     with pytest.raises(ValueError, match="no int8 draft kernel could run"):
         select([Candidate("a", None, None, error="broken")])
+
+
+def test_the_choice_is_measured_once_per_machine(own_engine, tmp_path, monkeypatch):
+    """Later loads of the same model install the recorded choice without measuring; CLASP_RECALIBRATE
+    measures anyway, and a damaged record is measured over."""
+    runner, _, ids, _ = own_engine
+    monkeypatch.setenv("CLASP_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CLASP_RECALIBRATE", raising=False)
+    names = draft_kernels.available(runner)[:2]
+    first = draft_kernels.choose_cached(runner, ids, names, "model:1x1:1")
+    path = draft_kernels.cache_path("model:1x1:1", names)
+    assert not first.cached and path.exists()
+    second = draft_kernels.choose_cached(runner, ids, names, "model:1x1:1")
+    assert second.cached and second.chosen == first.chosen and second.candidates == first.candidates
+    fused = runner.fused_draft
+    assert (fused.isa == second.chosen.removeprefix("fused-")) if second.chosen.startswith("fused-") else fused is None
+    assert draft_kernels.cache_path("other:1x1:1", names) != path  # another model measures anew
+    monkeypatch.setenv("CLASP_RECALIBRATE", "1")
+    assert not draft_kernels.choose_cached(runner, ids, names, "model:1x1:1").cached
+    monkeypatch.delenv("CLASP_RECALIBRATE")
+    path.write_text("{not json")
+    assert not draft_kernels.choose_cached(runner, ids, names, "model:1x1:1").cached
+    assert draft_kernels.choose_cached(runner, ids, names, "model:1x1:1").cached  # rewritten
