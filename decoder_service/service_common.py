@@ -15,7 +15,6 @@ import sys
 import grpc
 import redis
 import structlog
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -192,6 +191,8 @@ def run_service(parser: argparse.ArgumentParser, serve) -> None:
     args = parser.parse_args()
     configure_logging(args.log_level)
     if args.threads:
+        import torch  # here, not at the top: the HTTP gateway imports this module and needs no torch
+
         torch.set_num_threads(args.threads)
     try:
         asyncio.run(serve(args))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import logging
-import os
 import socket
 import sys
 import time
@@ -14,15 +12,10 @@ import urllib.request
 import structlog
 import uvicorn
 
+from decoder_service.service_common import configure_logging, env
 from http_gateway.app import Settings, create_app
 
 log = structlog.get_logger("http")
-
-
-def env(name: str, default=None):
-    """A CLASP_<name> environment variable. (Not decoder_service.service_common.env: that module
-    imports torch, which this process never needs.)"""
-    return os.environ.get(f"CLASP_{name}", default)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,17 +47,6 @@ def is_loopback(host: str) -> bool:
                    for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP))
     except (OSError, ValueError):
         return False
-
-
-def configure_logging(level: str) -> None:
-    """structlog JSON lines on stderr, as the services write them."""
-    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
-    structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso"), structlog.processors.format_exc_info,
-                    structlog.processors.JSONRenderer()],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 
 
 def wait_healthy(host: str, port: int, timeout_s: float) -> int:
