@@ -1,32 +1,39 @@
-"""The decode loop: prefill, draft, verify, and the self-speculative step around them.
+"""The decode loop: prefill, draft, verify, and the self-speculative round around them.
 
-A round drafts up to K tokens with the layer-skipped draft, verifies them in one full
-forward pass, keeps the accepted prefix plus one resampled/bonus token (see clasp.verify),
-and rolls the KV cache back to what was accepted. `ar` mode is the same loop with K = 0.
+A round drafts up to K tokens per request with the layer-skipped draft (or takes them from the
+request's context), verifies every request's [pending token, drafts...] in one full forward pass,
+keeps each request's accepted prefix plus one resampled/bonus token (see clasp.verify), and rolls
+each request's KV slot back to what it accepted. `ar` mode is the same round with K = 0.
+
+`step(runner, requests)` advances a list of requests (clasp.request.Request) by one round each:
+a prefill piece for a request still reading its prompt, a speculative round for the others.
+`generate()` is the single-request loop over it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
+from clasp import backends
+from clasp.backends.base import draft_token_bytes
 from clasp.config import ClaspConfig, SamplingParams
 from clasp.controller import MODEL, NGRAM, PLAIN, DraftController, NgramIndex, RoundChoice
 from clasp.kv_cache import KVCache
-from clasp.model_runner import ModelRunner, nbytes
+from clasp.model_runner import ModelRunner, Segment
+from clasp.output import Chunk, OutputText
 from clasp.plan_exchange import LocalPlanner, PlanExchange, PlanInput
 from clasp.planner import LayerPlan
+from clasp.proposers import DraftSlot, LayerSkipProposer, NgramProposer, Proposal
+from clasp.request import PlanRecord, Request, RoundPlan, SkipSchedule, skip_ladder
 from clasp.stats import DecodeStats
 from clasp.verify import logits_to_probs, rejection_sample, sample, verify_greedy
 
-
-@dataclasses.dataclass
-class Proposal:
-    token_ids: torch.Tensor  # [K] int64, drafted tokens
-    probs: torch.Tensor | None  # [K, vocab], the draft's warped distributions (sampling only)
+__all__ = ["Chunk", "GenerationResult", "PlanRecord", "Proposal", "RoundResult", "draft", "generate", "prefill",
+           "select_token", "skip_ladder", "start_request", "step", "verify"]
 
 
 @dataclasses.dataclass
@@ -38,23 +45,6 @@ class RoundResult:
     num_drafted: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
-
-
-@dataclasses.dataclass
-class PlanRecord:
-    step: int  # the verification round the skip set was first used at
-    skip_set: list[int]
-    score: float | None  # the DP's cos(g[L][M], h_L); None for static sets
-    seconds: float
-
-
-@dataclasses.dataclass
-class Chunk:
-    """What one round adds to the output; the final chunk carries the result."""
-
-    token_ids: list[int]
-    text: str
-    result: "GenerationResult | None" = None
 
 
 @dataclasses.dataclass
@@ -83,24 +73,13 @@ class GenerationResult:
 
 
 # ---------------------------------------------------------------------- steps
-def prefill(runner: ModelRunner, cache: KVCache, prompt_ids: torch.Tensor, collect_hidden: bool, start: int = 0):
-    """Run prompt_ids[start:] at positions start.. (the cache holds the rest). Returns (last-position
+def prefill(runner: ModelRunner, cache: KVCache, prompt_ids: torch.Tensor, collect_hidden: bool, start: int = 0,
+            slot: int = 0):
+    """Run prompt_ids[start:] at positions start.. (the slot holds the rest). Returns (last-position
     logits [1, vocab], h_0..h_L of the last prompt token or None)."""
     hidden = [] if collect_hidden else None
-    logits = runner.forward(prompt_ids[start:], cache, start, last_only=True, hidden_states=hidden)
+    logits = runner.forward(prompt_ids[start:], cache, start, last_only=True, hidden_states=hidden, slot=slot)
     return logits, (torch.stack([h[-1] for h in hidden]) if collect_hidden else None)
-
-
-def chunked_prefill(runner: ModelRunner, cache: KVCache, prompt_ids: torch.Tensor, collect_hidden: bool,
-                    chunk_tokens: int) -> Iterator[Chunk]:
-    """prefill in pieces of at most chunk_tokens, yielding an empty Chunk between pieces (so a
-    caller sharing one torch thread can run other requests' rounds); returns prefill's result."""
-    start = 0
-    while len(prompt_ids) - start > chunk_tokens:
-        runner.forward(prompt_ids[start:start + chunk_tokens], cache, start, last_only=True)
-        start += chunk_tokens
-        yield Chunk([], "")
-    return prefill(runner, cache, prompt_ids, collect_hidden, start)
 
 
 def select_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -113,137 +92,199 @@ def select_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 def draft(runner: ModelRunner, cache: KVCache, token_id: int, position: int, skip_set: frozenset[int],
           max_tokens: int, exit_threshold: float, params: SamplingParams,
           generator: torch.Generator | None, use_copy: bool = True) -> Proposal:
-    """Draft up to max_tokens tokens after token_id (at `position`) with the layer-skipped model.
+    """Draft up to max_tokens tokens after token_id (at `position`) for one request in slot 0
+    (LayerSkipProposer with a batch of one)."""
+    proposer = LayerSkipProposer(runner, cache, exit_threshold)
+    request = DraftSlot(0, token_id, position, skip_set, max_tokens, params, generator, use_copy)
+    return proposer.propose([request]).proposals[0]
 
-    Stops early once the draft's top probability falls below exit_threshold (the token that
-    fell below is still proposed: verifying it costs one row, and it is often right).
-    use_copy: run on the runner's reduced-precision draft weights (if it has them).
-    """
+
+@dataclasses.dataclass
+class VerifyItem:
+    """One request's part of a batched verification."""
+
+    slot: int
+    token_id: int  # the pending token
+    position: int  # its position
+    proposal: Proposal | None
+    params: SamplingParams
+    generator: torch.Generator | None
+    collect_hidden: bool
+
+
+def verify_batch(runner: ModelRunner, cache: KVCache, items: Sequence[VerifyItem]) -> list[RoundResult]:
+    """Run the full model over every request's [pending token, drafts...] in one pass, accept per
+    request, and roll each slot back to its accepted prefix."""
     device = runner.device
-    current = torch.tensor([token_id], device=device)
-    drafted, probs = [], []
-    for k in range(max_tokens):
-        logits = runner.forward(current, cache, position + k, skip_set, draft=use_copy)  # [1, vocab]
-        if params.greedy:
-            confidence, current = torch.softmax(logits, dim=-1).max(dim=-1)
+    segments = []
+    for item in items:
+        pending = torch.tensor([item.token_id], device=device)
+        inputs = pending if item.proposal is None else torch.cat([pending, item.proposal.token_ids])
+        segments.append(Segment(item.slot, item.position, inputs))
+    hidden = [] if any(item.collect_hidden for item in items) else None
+    logits = runner.forward_batch(segments, cache, hidden_states=hidden)  # [sum(K_i + 1), vocab]
+    results, row = [], 0
+    for item, segment in zip(items, segments):
+        rows = logits[row:row + segment.num_tokens]  # [K+1, vocab]
+        proposal, params = item.proposal, item.params
+        if proposal is None:
+            tau, next_id = 0, select_token(rows, params, item.generator)
+        elif params.greedy:
+            tau, next_id = verify_greedy(proposal.token_ids.tolist(), rows)
         else:
-            q = logits_to_probs(logits, params)
-            current = sample(q, generator)
-            confidence = q.max()
-            probs.append(q[0])
-        drafted.append(current)
-        # The exit decision is a host branch: one scalar read per drafted token. NaN stops too.
-        if not float(confidence) >= exit_threshold:
-            break
-    return Proposal(torch.cat(drafted), torch.stack(probs) if probs else None)
+            tau, next_id = rejection_sample(proposal.token_ids, proposal.probs, logits_to_probs(rows, params),
+                                            item.generator)
+        cache.truncate(item.position + tau + 1, item.slot)  # keep the pending token and the accepted drafts
+        states = torch.stack([h[row + tau] for h in hidden]) if item.collect_hidden else None
+        results.append(RoundResult(tau, next_id, states, item.position + tau))
+        row += segment.num_tokens
+    return results
 
 
 def verify(runner: ModelRunner, cache: KVCache, token_id: int, position: int, proposal: Proposal | None,
-           params: SamplingParams, generator: torch.Generator | None, collect_hidden: bool) -> RoundResult:
-    """Run the full model over [token_id, drafts...] in one pass, accept, and roll the cache back."""
-    pending = torch.tensor([token_id], device=runner.device)
-    inputs = pending if proposal is None else torch.cat([pending, proposal.token_ids])
-    hidden = [] if collect_hidden else None
-    logits = runner.forward(inputs, cache, position, hidden_states=hidden)  # [K+1, vocab]
-    if proposal is None:
-        tau, next_id = 0, select_token(logits, params, generator)
-    elif params.greedy:
-        tau, next_id = verify_greedy(proposal.token_ids.tolist(), logits)
+           params: SamplingParams, generator: torch.Generator | None, collect_hidden: bool, slot: int = 0) -> RoundResult:
+    """verify_batch for one request."""
+    return verify_batch(runner, cache, [VerifyItem(slot, token_id, position, proposal, params, generator,
+                                                   collect_hidden)])[0]
+
+
+def _check_prompt(prompt_ids: list[int], spec) -> None:
+    if not prompt_ids:
+        raise ValueError("prompt is empty: it must contain at least one token")
+    if len(prompt_ids) >= spec.max_context:
+        raise ValueError(f"prompt has {len(prompt_ids)} tokens, the context window is {spec.max_context}")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= spec.vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {spec.vocab_size})")
+
+
+def cost_model(runner: ModelRunner):
+    """The runner's backend's fixed costs (the device's default backend for a runner used as loaded)."""
+    backend = runner.backend or backends.for_device(runner.device)
+    return backend.cost_model(runner)
+
+
+def byte_costs(runner: ModelRunner) -> tuple[float, float, float, float]:
+    """(draft cost per weight byte, plain step, first extra verify row, each further row) in units of a
+    plain step (see the backend's cost_model)."""
+    return cost_model(runner).as_tuple()
+
+
+# ---------------------------------------------------------------------- requests
+def start_request(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: SamplingParams,
+                  config: ClaspConfig, eos_ids: frozenset[int], initial_plan: LayerPlan | None = None,
+                  plan_exchange: PlanExchange | None = None, cache: KVCache | None = None,
+                  slot: int = 0) -> Request:
+    """A new request, ready for step(). cache/slot: where its KV lives (default: a cache of its own,
+    sized to the prompt plus max_new_tokens). Raises ValueError for a prompt the model cannot take."""
+    spec = runner.spec
+    _check_prompt(prompt_ids, spec)
+    max_new = min(params.max_new_tokens, spec.max_context - len(prompt_ids))
+    if cache is None:
+        cache = runner.new_cache(len(prompt_ids) + max_new)
+    elif len(prompt_ids) + max_new > cache.max_length:
+        raise ValueError(f"prompt and max_new_tokens need {len(prompt_ids) + max_new} positions, a slot holds "
+                         f"{cache.max_length}")
+    cache.truncate(0, slot)
+    generator = None if params.seed is None else torch.Generator(device=runner.device).manual_seed(params.seed)
+    # The draft copy is made at load; a request with draft_dtype None drafts on the shared weights.
+    draft_has_copy = runner.draft_has_copy and config.draft_dtype is not None
+    return Request(prompt_ids=list(prompt_ids), params=params, config=config, cache=cache, slot=slot,
+                   max_new_tokens=max_new, out=OutputText(tokenizer, params, eos_ids, max_new),
+                   schedule=SkipSchedule(config, spec.num_layers, draft_has_copy),
+                   exchange=plan_exchange or LocalPlanner(runner, cache, slot), use_draft_copy=config.draft_dtype is not None,
+                   generator=generator, initial_plan=initial_plan)
+
+
+def _prefill_piece(runner: ModelRunner, req: Request) -> Chunk:
+    """Run the next piece of the prompt (at most prefill_chunk_tokens); after the last piece, choose the
+    first token and set up the request's decoding."""
+    prompt = req.prompt_ids
+    chunk_tokens = req.config.prefill_chunk_tokens
+    ids = torch.tensor(prompt, device=runner.device)
+    if len(prompt) - req.num_prefilled > chunk_tokens:
+        start = req.num_prefilled
+        runner.forward(ids[start:start + chunk_tokens], req.cache, start, last_only=True, slot=req.slot)
+        req.num_prefilled += chunk_tokens
+        return Chunk([], "")
+    schedule = req.schedule
+    logits, hidden = prefill(runner, req.cache, ids, schedule.dynamic and req.initial_plan is None,
+                             req.num_prefilled, req.slot)
+    req.num_prefilled = len(prompt)
+    if schedule.dynamic:
+        if req.initial_plan is not None:
+            schedule.adopt(req.initial_plan, 0, req.plans)
+        else:
+            req.exchange.submit(PlanInput(0, hidden, len(prompt) - 1, list(prompt), schedule.num_skip))
+    if schedule.speculative and not req.plans:
+        if schedule.dynamic:
+            schedule.poll(req.exchange, 0, req.plans, req.stats)
+        if not req.plans:
+            req.plans.append(PlanRecord(0, sorted(schedule.skip_set), None, 0.0))
+    req.token_id = select_token(logits, req.params, req.generator)
+    req.position = len(prompt)  # where token_id (emitted, not yet run) will be processed
+    chunk = req.out.add([req.token_id])
+    config = req.config
+    if schedule.speculative and config.adaptive:
+        # Seeded sampling: costs from weight bytes, not timings, so the same seed draws the same tokens.
+        fixed = byte_costs(runner) if req.params.seed is not None and not req.params.greedy else None
+        counts = schedule.skip_counts
+        req.controller = DraftController(config.max_draft_length, fixed_costs=fixed, skip_counts=counts,
+                                         draft_units={j: draft_token_bytes(runner, j) for j in counts}.__getitem__)
+        if config.ngram_size:
+            req.ngrams = NgramIndex(config.ngram_size)
+            req.ngrams.extend(prompt + [req.token_id])
+    return _finish_if_done(req, chunk)
+
+
+def _finish_if_done(req: Request, chunk: Chunk) -> Chunk:
+    if req.finished:
+        out = req.out
+        req.result = chunk.result = GenerationResult(out.text, out.token_ids, out.finish_reason, len(req.prompt_ids),
+                                                     req.stats, req.plans, time.perf_counter() - req.started)
+    return chunk
+
+
+def _choose(req: Request) -> None:
+    """The request's draft source, length and skip set for this round."""
+    budget = req.draft_budget
+    if req.controller is not None:
+        choice = req.controller.choose(budget, req.ngrams.lookup(budget) if req.ngrams is not None and budget > 0
+                                       else None)
     else:
-        tau, next_id = rejection_sample(proposal.token_ids, proposal.probs, logits_to_probs(logits, params), generator)
-    cache.truncate(position + tau + 1)  # keep the pending token and the accepted drafts
-    states = torch.stack([h[tau] for h in hidden]) if collect_hidden else None
-    return RoundResult(tau, next_id, states, position + tau)
+        choice = RoundChoice(MODEL if budget > 0 else PLAIN, budget)
+    skip_set, collect = req.schedule.for_round(choice)
+    req.round = RoundPlan(choice, skip_set, collect)
 
 
-# ---------------------------------------------------------------------- the loop
-class _Output:
-    """Accumulates emitted tokens and applies EOS, max-token and stop-string limits."""
-
-    def __init__(self, tokenizer, params: SamplingParams, eos_ids: frozenset[int], max_new_tokens: int) -> None:
-        self.tokenizer = tokenizer
-        self.params = params
-        self.eos_ids = frozenset() if params.ignore_eos else eos_ids
-        self.max_new_tokens = max_new_tokens
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.sent = 0  # characters of text already streamed
-        self.finish_reason: str | None = None
-        self._hold = max((len(s) for s in params.stop), default=1) - 1
-        self._prefix = 0  # detokenization window: tokens [_prefix, _read) are already in text
-        self._read = 0
-
-    def add(self, new_ids: list[int]) -> Chunk:
-        before = len(self.token_ids)
-        for t in new_ids:
-            self.token_ids.append(t)
-            if t in self.eos_ids:
-                self.finish_reason = "stop"
-                break
-            if len(self.token_ids) >= self.max_new_tokens:
-                self.finish_reason = "length"
-                break
-        previous = len(self.text)
-        self._detokenize()
-        cuts = [c for stop in self.params.stop if (c := self.text.find(stop, max(0, previous - len(stop) + 1))) >= 0]
-        if cuts:
-            self.text, self.finish_reason = self.text[:min(cuts)], "stop_string"
-            self._trim_to_stop(before)
-        # Hold back what could be the start of a stop string.
-        end = len(self.text) if self.finish_reason else max(self.sent, len(self.text) - self._hold)
-        delta, self.sent = self.text[self.sent:end], end
-        return Chunk(self.token_ids[before:], delta)
-
-    def _detokenize(self) -> None:
-        """Append the new tokens' text, decoding a short window instead of the whole output.
-
-        The window starts a few tokens back so that merges and leading spaces decode as they
-        would in context. Text ending in a partial UTF-8 character waits for the next tokens.
-        """
-        window = self.token_ids[self._prefix:]
-        known = self.tokenizer.decode(window[:self._read - self._prefix], skip_special_tokens=True)
-        full = self.tokenizer.decode(window, skip_special_tokens=True)
-        if full.endswith("\ufffd") and self.finish_reason is None:
-            return
-        self.text += full[len(known):]
-        self._prefix, self._read = self._read, len(self.token_ids)
-
-    def _trim_to_stop(self, first_new: int) -> None:
-        """Drop the tokens after the one that completed a stop string (once, at the end)."""
-        for n in range(first_new + 1, len(self.token_ids) + 1):
-            text = self.tokenizer.decode(self.token_ids[:n], skip_special_tokens=True)
-            if any(stop in text for stop in self.params.stop):
-                del self.token_ids[n:]
-                return
+def _propose(runner: ModelRunner, cache: KVCache, requests: Sequence[Request]) -> list[Proposal | None]:
+    """Every request's drafts for this round: the layer-skip draft batched over the requests that
+    draft with the model, the context's n-grams for those the controller gave one."""
+    proposals: list[Proposal | None] = [None] * len(requests)
+    ngram = NgramProposer(runner.spec.vocab_size, runner.device)
+    model = []
+    for i, req in enumerate(requests):
+        choice = req.round.choice
+        if choice.source == NGRAM:
+            proposals[i] = ngram.one(choice.ngram, not req.params.greedy)
+        elif choice.source == MODEL and choice.num_draft > 0:
+            model.append(i)
+    if model:
+        by_threshold: dict[float, list[int]] = {}
+        for i in model:
+            by_threshold.setdefault(requests[i].config.draft_exit_threshold, []).append(i)
+        for threshold, group in by_threshold.items():
+            slots = [DraftSlot(requests[i].slot, requests[i].token_id, requests[i].position, requests[i].round.skip_set,
+                               requests[i].round.choice.num_draft, requests[i].params, requests[i].generator,
+                               requests[i].use_draft_copy) for i in group]
+            for i, p in zip(group, LayerSkipProposer(runner, cache, threshold).propose(slots).proposals):
+                proposals[i] = p
+    return proposals
 
 
-def context_proposal(token_ids: list[int], params: SamplingParams, vocab_size: int, device) -> Proposal:
-    """A draft taken from the context (n-gram lookup): its distribution is one-hot, so rejection
-    sampling accepts token x with probability p(x) and resamples from p with x removed."""
-    ids = torch.tensor(token_ids, device=device)
-    probs = None
-    if not params.greedy:
-        probs = torch.zeros(len(token_ids), vocab_size, device=device).scatter_(1, ids[:, None], 1.0)
-    return Proposal(ids, probs)
-
-
-def self_speculative_step(runner: ModelRunner, cache: KVCache, token_id: int, position: int,
-                          skip_set: frozenset[int], choice: RoundChoice, config: ClaspConfig, params: SamplingParams,
-                          generator: torch.Generator | None, stats: DecodeStats,
-                          collect_hidden: bool) -> tuple[list[int], RoundResult]:
-    """One round: draft as `choice` says (up to choice.num_draft tokens from the layer-skip model,
-    the given n-gram continuation, or nothing: a plain step), verify, accept. Returns the emitted
-    token ids (accepted drafts + the resampled/bonus token) and the round's result."""
-    t0 = time.perf_counter()
-    proposal = None
-    if choice.source == NGRAM:
-        proposal = context_proposal(choice.ngram, params, runner.spec.vocab_size, runner.device)
-    elif choice.source == MODEL and choice.num_draft > 0:
-        proposal = draft(runner, cache, token_id, position, skip_set, choice.num_draft, config.draft_exit_threshold,
-                         params, generator, use_copy=config.draft_dtype is not None)
-    t1 = time.perf_counter()
-    result = verify(runner, cache, token_id, position, proposal, params, generator, collect_hidden)
-    result.draft_seconds, result.verify_seconds = t1 - t0, time.perf_counter() - t1
+def _account(req: Request, proposal: Proposal | None, result: RoundResult) -> list[int]:
+    """Stats and controller for one request's round; returns the emitted token ids (accepted drafts
+    + the resampled/bonus token)."""
+    stats, choice = req.stats, req.round.choice
     stats.draft_seconds += result.draft_seconds
     stats.verify_seconds += result.verify_seconds
     drafted = [] if proposal is None else proposal.token_ids.tolist()
@@ -257,26 +298,75 @@ def self_speculative_step(runner: ModelRunner, cache: KVCache, token_id: int, po
         stats.num_plain_rounds += 1
     else:
         stats.num_model_draft_tokens += len(drafted)
-        stats.num_skipped_layers_drafted += len(skip_set) * len(drafted)
-    return drafted[:result.accepted_length] + [result.next_token_id], result
+        stats.num_skipped_layers_drafted += len(req.round.skip_set) * len(drafted)
+    if req.controller is not None:
+        req.controller.observe(choice, result.num_drafted, result.accepted_length, result.draft_seconds,
+                               result.verify_seconds)
+    return drafted[:result.accepted_length] + [result.next_token_id]
 
 
-def _adopt(plan: LayerPlan, num_skip: int, step: int, plans: list[PlanRecord], skip_sets: SkipSets) -> frozenset[int]:
-    """Use a DP plan; record it when it changes the skip set (of M layers)."""
-    skip_sets.plan = plan
-    skip_set = plan.skip_set(num_skip)
-    if not plans or plans[-1].skip_set != sorted(skip_set):
-        plans.append(PlanRecord(step, sorted(skip_set), plan.score(num_skip), plan.seconds))
-    return skip_set
+def _advance(req: Request, result: RoundResult, new_ids: list[int]) -> Chunk:
+    """Emit a round's tokens, move the request on, and hand a re-plan over if one is due."""
+    chunk = req.out.add(new_ids)
+    if req.ngrams is not None:
+        req.ngrams.extend(chunk.token_ids)
+    req.position += result.accepted_length + 1
+    req.token_id = result.next_token_id
+    schedule = req.schedule
+    if schedule.dynamic:
+        t_plan = time.perf_counter()
+        if req.round.collect_hidden and not req.finished:  # a finished request has nothing left to plan for
+            context = (req.prompt_ids + req.out.token_ids)[:result.hidden_position + 1]
+            req.exchange.submit(PlanInput(req.stats.num_rounds, result.hidden, result.hidden_position, context,
+                                          schedule.num_skip))
+            schedule.model_rounds_since_plan = 0
+        schedule.poll(req.exchange, req.stats.num_rounds, req.plans, req.stats)
+        req.stats.plan_io_seconds += time.perf_counter() - t_plan
+    return _finish_if_done(req, chunk)
 
 
-def _check_prompt(prompt_ids: list[int], spec) -> None:
-    if not prompt_ids:
-        raise ValueError("prompt is empty: it must contain at least one token")
-    if len(prompt_ids) >= spec.max_context:
-        raise ValueError(f"prompt has {len(prompt_ids)} tokens, the context window is {spec.max_context}")
-    if min(prompt_ids) < 0 or max(prompt_ids) >= spec.vocab_size:
-        raise ValueError(f"prompt token ids must be in [0, {spec.vocab_size})")
+def step(runner: ModelRunner, requests: Sequence[Request]) -> list[Chunk]:
+    """Advance every unfinished request by one round: a prefill piece for a request still reading
+    its prompt, else draft, verify (one forward pass for all of them, per KV cache) and accept.
+    Returns one Chunk per request (the final one carries the result; a finished request gets an
+    empty chunk)."""
+    chunks: list[Chunk | None] = [None] * len(requests)
+    decoding = []
+    for i, req in enumerate(requests):
+        if req.finished:
+            chunks[i] = Chunk([], "")
+        elif req.prefilling:
+            chunks[i] = _prefill_piece(runner, req)
+        else:
+            decoding.append(i)
+    by_cache: dict[int, list[int]] = {}
+    for i in decoding:
+        by_cache.setdefault(id(requests[i].cache), []).append(i)
+    for group in by_cache.values():
+        reqs = [requests[i] for i in group]
+        for i, chunk in zip(group, _speculative_round(runner, reqs)):
+            chunks[i] = chunk
+    return chunks
+
+
+def _speculative_round(runner: ModelRunner, reqs: Sequence[Request]) -> list[Chunk]:
+    """One round for requests sharing a KV cache: choose, propose, verify in one pass, accept."""
+    cache = reqs[0].cache
+    for req in reqs:
+        _choose(req)
+    t0 = time.perf_counter()
+    proposals = _propose(runner, cache, reqs)
+    t1 = time.perf_counter()
+    items = [VerifyItem(r.slot, r.token_id, r.position, p, r.params, r.generator, r.round.collect_hidden)
+             for r, p in zip(reqs, proposals)]
+    results = verify_batch(runner, cache, items)
+    t2 = time.perf_counter()
+    chunks = []
+    for req, proposal, result in zip(reqs, proposals, results):
+        # In a batch every request waited for the whole draft and verification: that is its cost.
+        result.draft_seconds, result.verify_seconds = t1 - t0, t2 - t1
+        chunks.append(_advance(req, result, _account(req, proposal, result)))
+    return chunks
 
 
 def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: SamplingParams, config: ClaspConfig,
@@ -290,138 +380,9 @@ def generate(runner: ModelRunner, tokenizer, prompt_ids: list[int], params: Samp
     (default: plan synchronously in-process). Until a first plan arrives, clasp mode drafts
     with the static default skip set.
     """
-    started = time.perf_counter()
-    spec = runner.spec
-    _check_prompt(prompt_ids, spec)
-    max_new = min(params.max_new_tokens, spec.max_context - len(prompt_ids))
-    generator = None if params.seed is None else torch.Generator(device=runner.device).manual_seed(params.seed)
-    stats, plans = DecodeStats(), []
-    speculative = config.mode != "ar"
-    # The draft copy is made at load; a request with draft_dtype None drafts on the shared weights.
-    draft_has_copy = runner.draft_has_copy and config.draft_dtype is not None
-    num_skip = config.skip_count(spec.num_layers, draft_has_copy) if speculative else 0
-    dynamic = config.mode == "clasp" and num_skip > 0  # with M = 0 the DP has nothing to choose
-    # Adaptive M: the controller picks each round's skip count from these (the DP plans all j <= M).
-    skip_counts = skip_ladder(num_skip, draft_has_copy) if dynamic and config.adaptive and config.adaptive_skip \
-        else (num_skip,)
-    cache = runner.new_cache(len(prompt_ids) + max_new)
-    exchange = plan_exchange or LocalPlanner(runner, cache)
-    out = _Output(tokenizer, params, eos_ids, max_new)
-
-    logits, hidden = yield from chunked_prefill(runner, cache, torch.tensor(prompt_ids, device=runner.device),
-                                                dynamic and initial_plan is None, config.prefill_chunk_tokens)
-    skip_set = config.static_skips(spec.num_layers, draft_has_copy) if speculative else frozenset()
-    skip_sets = SkipSets(skip_set, config, spec.num_layers, draft_has_copy)
-    if dynamic:
-        if initial_plan is not None:
-            skip_set = _adopt(initial_plan, num_skip, 0, plans, skip_sets)
-        else:
-            exchange.submit(PlanInput(0, hidden, len(prompt_ids) - 1, list(prompt_ids), num_skip))
-    if speculative and not plans:
-        skip_set = _poll(exchange, skip_set, num_skip, 0, plans, stats, skip_sets) if dynamic else skip_set
-        if not plans:
-            plans.append(PlanRecord(0, sorted(skip_set), None, 0.0))
-
-    token_id = select_token(logits, params, generator)
-    position = len(prompt_ids)  # where token_id (emitted, not yet run) will be processed
-    chunk = out.add([token_id])
-    controller = None
-    if speculative and config.adaptive:
-        # Seeded sampling: costs from weight bytes, not timings, so the same seed draws the same tokens.
-        fixed = byte_costs(runner) if params.seed is not None and not params.greedy else None
-        controller = DraftController(config.max_draft_length, fixed_costs=fixed, skip_counts=skip_counts,
-                                     draft_units={j: draft_token_bytes(runner, j) for j in skip_counts}.__getitem__)
-    # LOI counts the rounds that draft with the model: a plan serves only them, so while the
-    # controller decodes plainly or drafts from the context, no DP runs and no hidden states move.
-    model_rounds_since_plan = 0
-    ngrams = None
-    if speculative and config.adaptive and config.ngram_size:
-        ngrams = NgramIndex(config.ngram_size)
-        ngrams.extend(prompt_ids + [token_id])
-    while out.finish_reason is None:
+    req = start_request(runner, tokenizer, prompt_ids, params, config, eos_ids, initial_plan, plan_exchange)
+    while True:
+        chunk = step(runner, [req])[0]
         yield chunk
-        budget = min(config.max_draft_length, max_new - len(out.token_ids) - 1) if speculative else 0
-        if controller is not None:
-            choice = controller.choose(budget, ngrams.lookup(budget) if ngrams is not None and budget > 0 else None)
-        else:
-            choice = RoundChoice(MODEL if budget > 0 else PLAIN, budget)
-        replan = False
-        if dynamic and choice.source == MODEL:
-            model_rounds_since_plan += 1
-            replan = model_rounds_since_plan >= config.replan_interval
-        round_skips = skip_set if choice.num_skip in (None, num_skip) else skip_sets.get(choice.num_skip)
-        new_ids, result = self_speculative_step(runner, cache, token_id, position, round_skips, choice, config,
-                                                params, generator, stats, collect_hidden=replan)
-        if controller is not None:
-            controller.observe(choice, result.num_drafted, result.accepted_length, result.draft_seconds,
-                               result.verify_seconds)
-        chunk = out.add(new_ids)
-        if ngrams is not None:
-            ngrams.extend(chunk.token_ids)
-        position += result.accepted_length + 1
-        token_id = result.next_token_id
-        if dynamic:
-            t_plan = time.perf_counter()
-            if replan and out.finish_reason is None:  # a finished request has nothing left to plan for
-                context = (prompt_ids + out.token_ids)[:result.hidden_position + 1]
-                exchange.submit(PlanInput(stats.num_rounds, result.hidden, result.hidden_position, context, num_skip))
-                model_rounds_since_plan = 0
-            skip_set = _poll(exchange, skip_set, num_skip, stats.num_rounds, plans, stats, skip_sets)
-            stats.plan_io_seconds += time.perf_counter() - t_plan
-    chunk.result = GenerationResult(out.text, out.token_ids, out.finish_reason, len(prompt_ids), stats, plans,
-                                    time.perf_counter() - started)
-    yield chunk
-
-
-def skip_ladder(num_skip: int, draft_has_copy: bool) -> tuple[int, ...]:
-    """The skip counts adaptive M chooses from: M first, then 3M/4, M/2 and M/4, and 0 where the
-    draft has its own cheaper copy (with shared weights a draft skipping nothing is the full model)."""
-    ladder = [num_skip] + [round(num_skip * f) for f in (0.75, 0.5, 0.25)] + ([0] if draft_has_copy else [])
-    return tuple(dict.fromkeys(j for j in ladder if j > 0 or draft_has_copy))
-
-
-def draft_token_bytes(runner: ModelRunner, num_skip: int) -> float:
-    """Weight bytes a draft token reads with num_skip layers skipped: what it costs on memory-bound hardware."""
-    draft = runner.draft_weights
-    return float(draft.layer_nbytes() * (runner.spec.num_layers - num_skip) + nbytes(draft.lm_head))
-
-
-def byte_costs(runner: ModelRunner) -> tuple[float, float, float, float]:
-    """(draft cost per weight byte, plain step, first extra verify row, each further row) in units of
-    a plain step, from the weight bytes each reads (draft_token_bytes gives a draft token's bytes).
-    An extra verified row costs ~1% of a step on a GPU. On CPU the first one costs more than the
-    rest, since a plain step has a one-row kernel of its own: with prepacked weights 1 / 2 / 8 rows
-    took 22-25 / 25-28 / 37 ms on the AMD EPYC dev host, and 34-37 / 38-45 / 55 ms on an Intel
-    Xeon host, where a 1-token verification in a long context cost ~1.25 plain steps. Without
-    packing 8 rows took 59 ms on the EPYC."""
-    if runner.device.type == "cuda":
-        return 1.0 / runner.weights.nbytes(), 1.0, 0.01, 0.01
-    return 1.0 / runner.weights.nbytes(), 1.0, 0.2, 0.07 if runner.packed_nbytes else 0.15
-
-
-class SkipSets:
-    """The skip set for each skip count j: from the newest DP plan (which holds every j <= M), or
-    before the first plan, the static default for j."""
-
-    def __init__(self, static: frozenset[int], config: ClaspConfig, num_layers: int, draft_has_copy: bool) -> None:
-        self.plan: LayerPlan | None = None
-        self.config, self.num_layers, self.draft_has_copy = config, num_layers, draft_has_copy
-        self.static: dict[int, frozenset[int]] = {len(static): static}
-
-    def get(self, num_skip: int) -> frozenset[int]:
-        if self.plan is not None:
-            return self.plan.skip_set(num_skip)
-        if num_skip not in self.static:
-            config = dataclasses.replace(self.config, num_skip_layers=num_skip, static_skip_set=None)
-            self.static[num_skip] = config.static_skips(self.num_layers, self.draft_has_copy)
-        return self.static[num_skip]
-
-
-def _poll(exchange: PlanExchange, skip_set: frozenset[int], num_skip: int, step: int, plans: list[PlanRecord],
-          stats: DecodeStats, skip_sets: SkipSets) -> frozenset[int]:
-    """Adopt the newest plan if one arrived; otherwise keep the current skip set."""
-    plan = exchange.poll()
-    if plan is None:
-        return skip_set
-    stats.observe_plan(plan.seconds)
-    return _adopt(plan, num_skip, step, plans, skip_sets)
+        if chunk.result is not None:
+            return

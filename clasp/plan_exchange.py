@@ -71,16 +71,17 @@ class PlanExchange(Protocol):
 
 
 class LocalPlanner:
-    """Plans synchronously in-process, on the decoder's own KV cache (no context rebuild)."""
+    """Plans synchronously in-process, on the request's own KV slot (no context rebuild)."""
 
-    def __init__(self, runner: ModelRunner, cache: KVCache) -> None:
+    def __init__(self, runner: ModelRunner, cache: KVCache, slot: int = 0) -> None:
         self.runner = runner
         self.cache = cache
+        self.slot = slot
         self._plan: LayerPlan | None = None
 
     def submit(self, request: PlanInput) -> None:
         self._plan, _ = plan_layers(self.runner, self.cache, request.hidden, request.position, request.max_skip,
-                                    step=request.step)
+                                    step=request.step, slot=self.slot)
 
     def poll(self) -> LayerPlan | None:
         plan, self._plan = self._plan, None

@@ -81,18 +81,19 @@ def _run_dp(hidden: torch.Tensor, max_skip: int, apply_layer) -> tuple[list[torc
 
 
 def plan_layers(runner: ModelRunner, cache: KVCache, hidden: torch.Tensor, position: int, max_skip: int,
-                step: int = 0, draft: bool = False) -> tuple[LayerPlan, list[torch.Tensor]]:
+                step: int = 0, draft: bool = False, slot: int = 0) -> tuple[LayerPlan, list[torch.Tensor]]:
     """Run the sequence-parallel DP.
 
     hidden: [L+1, hidden] states h_0..h_L of the token at `position` from the full model;
-    cache must hold the full model's KV for positions < position. Returns the plan and g.
+    the cache's `slot` must hold the full model's KV for positions < position. Returns the plan and g.
     """
     if hidden.is_cuda:  # work queued before the plan (a prefill) must not count as DP time
         torch.cuda.synchronize(hidden.device)
     started = time.perf_counter()
     with torch.inference_mode():
         g, sets = _run_dp(hidden, max_skip,
-                          lambda i, states: runner.layer_candidates(states, i, cache, position, draft=draft))
+                          lambda i, states: runner.layer_candidates(states, i, cache, position, draft=draft,
+                                                                     slot=slot))
     return _finish(g, sets, hidden, step, time.perf_counter() - started), g
 
 

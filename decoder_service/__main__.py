@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from clasp.config import DRAFT_DTYPE_CHOICES, DRAFT_KERNEL_HELP, DRAFT_KERNELS, FUSED_DRAFT, FUSED_DRAFT_HELP, PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig
 from clasp.engine import Engine
-from clasp.model_runner import single_row_choices
+from clasp.backends.cpu import single_row_choices
 from clasp_serve.v1 import clasp_pb2
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
 from decoder_service.service_common import (ErrorInterceptor, StopSignal, StoppedBeforeReady,

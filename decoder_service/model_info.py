@@ -6,8 +6,6 @@ set-up may change), so the engine's draft-kernel selection can evolve without th
 
 from __future__ import annotations
 
-import torch
-
 from clasp.engine import Engine
 from clasp_serve.v1 import clasp_pb2 as pb
 
@@ -27,7 +25,7 @@ def draft_description(engine: Engine) -> tuple[str, bool, str]:
     if not has_copy:
         return kernel, False, _dtype_name(runner.dtype)
     lm_head = getattr(getattr(runner, "draft_weights", None), "lm_head", None)
-    dtype = lm_head.dtype if isinstance(lm_head, torch.Tensor) else "int8" if lm_head is not None else "unknown"
+    dtype = getattr(lm_head, "dtype", None) or "unknown"
     return kernel, True, _dtype_name(dtype)
 
 

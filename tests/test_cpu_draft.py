@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from clasp import cpu_draft
 from clasp.config import ClaspConfig
 from clasp.engine import Engine
-from clasp.model_runner import Int8Weight, ModelRunner, linear
+from clasp.matrices import Int8Weight, linear
+from clasp.model_runner import ModelRunner
 
 # Only a machine that cannot build C++ at all skips; a missing ninja is an install failure.
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64"

@@ -8,7 +8,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from clasp.config import ClaspConfig, SamplingParams
 from clasp.engine import Engine
-from clasp.model_runner import Int8Weight, ModelRunner, linear
+from clasp.backends.cpu import pack_weights
+from clasp.matrices import Int8Weight, linear
+from clasp.model_runner import ModelRunner
 
 
 def tiny_llama(dtype=torch.float32) -> ModelRunner:
@@ -34,7 +36,7 @@ def test_packed_weights_give_the_same_logits():
     runner = tiny_llama()
     ids = torch.arange(10, 30)
     plain = [runner.forward(ids[:n], runner.new_cache(64), 0) for n in (1, 2, 3, 8, 20)]
-    runner.pack_weights()
+    pack_weights(runner)
     assert runner.packed_nbytes == runner.weights.nbytes()
     packed = [runner.forward(ids[:n], runner.new_cache(64), 0) for n in (1, 2, 3, 8, 20)]
     for a, b in zip(plain, packed):
@@ -47,7 +49,7 @@ def test_packed_weights_serve_one_and_two_rows_where_calibration_picks_them():
     runner = tiny_llama()
     ids = torch.arange(10, 30)
     plain = [runner.forward(ids[:n], runner.new_cache(64), 0) for n in (1, 2)]
-    runner.pack_weights()
+    pack_weights(runner)
     assert runner.packed_min_rows in (1, 2, 3)
     runner.packed_min_rows = 1
     assert runner.full_weights(1) is runner.multi_row_weights
@@ -57,7 +59,7 @@ def test_packed_weights_serve_one_and_two_rows_where_calibration_picks_them():
 
 def test_packing_refuses_non_fp32():
     with pytest.raises(ValueError, match="fp32"):
-        tiny_llama(torch.bfloat16).pack_weights()
+        pack_weights(tiny_llama(torch.bfloat16))
 
 
 def test_draft_dtype_auto_is_int8_on_cpu_only():

@@ -1,0 +1,209 @@
+"""The CPU backend: fp32 matrices with measured product forms, a prepacked copy for verification,
+and an int8 draft copy whose kernel is chosen by timing and an accuracy check.
+
+Every choice here is measured on this machine at load, never read from a CPU flag:
+- per weight shape, whether one fp32 row is computed as two (calibrate_single_row);
+- whether to keep a oneDNN-prepacked copy, and from how many rows it is used (calibrate_packed_rows);
+- which int8 kernel runs the draft (clasp.draft_kernels, cached per machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from clasp import draft_kernels
+from clasp.backends.base import CostModel, LoadOptions
+from clasp.draft_kernels import DraftKernelChoice
+from clasp.matrices import DenseMatrix, PackedWeight
+from clasp.model_runner import MATRICES, ModelRunner, Weights
+
+log = logging.getLogger(__name__)
+
+
+# Whether a single fp32 row on CPU is computed as two rows, per weight shape (calibrate_single_row).
+# On some CPUs MKL's matrix-vector kernel streams weights at a third of the speed of its
+# two-column product (docs/performance.md, "one fp32 row computed as two"). How much depends on
+# the shape, the CPU and the BLAS build, so it is measured per shape, not assumed.
+_PAD_SINGLE_ROW: dict[tuple[int, int], bool] = {}
+_CALIBRATION_BYTES = 64 * 2**20  # larger than CPU caches, like a model's weights
+
+
+def calibrate_single_row(shape: tuple[int, int], repeats: int = 9) -> bool:
+    """Whether one fp32 CPU row times a weight of `shape` [out, in] is faster computed as two rows.
+
+    Measured once per process and shape on matrices of ones (values do not matter to BLAS),
+    enough copies to exceed 64 MiB so the weights stream from memory as a model's do; one and
+    two rows are timed alternately, `repeats` pairs, and the median ratio decides. A property
+    of the CPU, the BLAS and the shape: a small model loaded later cannot change a larger
+    model's choice (its shapes differ, and where they are equal so is the answer).
+
+    The burden of proof is on one row, which must be 25% faster: the two mistakes do not cost
+    the same. In phases when the VM's memory bandwidth is taken elsewhere both forms slow down
+    alike and one row can come out slightly ahead; padding in such a phase costs at most that,
+    while not padding costs up to 2x whenever the phase ends (figures: docs/performance.md).
+    """
+    shape = (int(shape[0]), int(shape[1]))
+    if shape not in _PAD_SINGLE_ROW and shape[0] * shape[1] * 4 < 2**20:
+        _PAD_SINGLE_ROW[shape] = False  # cache-resident: either way is fast
+    elif shape not in _PAD_SINGLE_ROW:
+        out, inp = shape
+        mats = [torch.ones(out, inp) for _ in range(max(1, -(-_CALIBRATION_BYTES // (out * inp * 4))))]
+        x = torch.ones(1, inp)
+        x2 = torch.cat([x, x])
+
+        def run(inputs: torch.Tensor) -> float:
+            t0 = time.perf_counter()
+            for m in mats:
+                m @ inputs.T
+            return time.perf_counter() - t0
+
+        with torch.inference_mode():
+            run(x), run(x2)  # first-call costs
+            ratios = sorted(run(x) / run(x2) for _ in range(repeats))  # paired: noise hits both alike
+        _PAD_SINGLE_ROW[shape] = not ratios[len(ratios) // 2] < 0.8
+    return _PAD_SINGLE_ROW[shape]
+
+
+def calibrate_packed_rows(plain: Weights, packed: Weights, repeats: int = 5) -> int:
+    """The fewest rows (1, 2 or PackedWeight.MIN_ROWS) from which the packed copy computes the
+    model's products faster than the plain matrices on their few-row path.
+
+    Which kernel wins for one or two rows depends on the CPU: on one host MKL's two rows stream the
+    weights about as fast as one and packing pays only from 3 rows; on another, two rows cost
+    nearly two steps unpacked (docs/performance.md). Timed on the model's own matrices (every layer and the
+    lm_head, so they stream from memory as in decoding), plain and packed alternately, `repeats`
+    pairs; the packed copy must be 15% faster by the median ratio to take over a row count.
+    """
+    pairs = [(getattr(p, m), getattr(q, m)) for p, q in zip(plain.layers, packed.layers) for m in MATRICES]
+    pairs.append((plain.lm_head, packed.lm_head))
+
+    def run(which: int, xs: dict[int, torch.Tensor]) -> float:
+        t0 = time.perf_counter()
+        for pair in pairs:
+            pair[which](xs[pair[0].shape[1]])
+        return time.perf_counter() - t0
+
+    min_rows = PackedWeight.MIN_ROWS
+    with torch.inference_mode():
+        for rows in (2, 1):  # packing that loses at 2 rows loses at 1
+            xs = {w.shape[1]: torch.ones(rows, w.shape[1]) for w, _ in pairs}
+            run(0, xs), run(1, xs)  # first-call costs
+            ratios = sorted(run(1, xs) / run(0, xs) for _ in range(repeats))
+            if not ratios[len(ratios) // 2] < 0.85:
+                break
+            min_rows = rows
+    return min_rows
+
+
+def single_row_choices() -> dict[str, bool]:
+    """{"OUTxIN": computed as two rows} for every shape calibrated in this process (for logs)."""
+    return {f"{o}x{i}": pad for (o, i), pad in sorted(_PAD_SINGLE_ROW.items())}
+
+
+def physical_memory() -> int:
+    """Bytes of memory this process may use: physical memory, or the cgroup (container) limit
+    when lower. 0 where the OS does not say."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+        break
+    return total
+
+
+def packing_available(runner: ModelRunner) -> bool:
+    """Whether a prepacked copy can be made: fp32 on a CPU with oneDNN in this torch build."""
+    return runner.device.type == "cpu" and runner.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def pack_weights(runner: ModelRunner) -> None:
+    """Keep a second, oneDNN-prepacked copy of the full weights for products of 3+ rows (or fewer
+    where measured faster): verification, prefill and the DP. Costs the model's fp32 weight bytes
+    again in memory; raises ValueError where packing is not available."""
+    if not packing_available(runner):
+        raise ValueError("weight packing needs an fp32 model on a CPU with oneDNN (torch.backends.mkldnn)")
+    if runner.multi_row_weights is runner.weights:
+        packed = runner.weights.packed()
+        runner.set_multi_row_weights(packed, calibrate_packed_rows(runner.weights, packed))
+
+
+def set_up_draft(runner: ModelRunner, options: LoadOptions) -> DraftKernelChoice | None:
+    """Give the runner its draft copy per options.draft_dtype. An int8 copy gets the kernel chosen by
+    measurement (clasp.draft_kernels) among those allowed: all (fused_draft None), the fused C++
+    draft's (True), torch ops' (False), or exactly `draft_kernel`."""
+    draft_dtype, fused_draft, draft_kernel = options.draft_dtype, options.fused_draft, options.draft_kernel
+    forced = fused_draft is not None or draft_kernel is not None
+    if forced and draft_dtype != torch.int8:
+        what = "fused_draft" if draft_kernel is None else "draft_kernel"
+        raise ValueError(f"{what} needs an int8 draft copy on CPU, not {draft_dtype} on cpu")
+    if draft_dtype != torch.int8:
+        runner.set_draft_dtype(draft_dtype)
+        return None
+    names = draft_kernels.available(runner)
+    if draft_kernel is not None:
+        if draft_kernel not in draft_kernels.DRAFT_KERNELS:
+            raise ValueError(f"draft_kernel must be one of {', '.join(draft_kernels.DRAFT_KERNELS)}, "
+                             f"got {draft_kernel!r}")
+        if draft_kernel not in names:
+            raise ValueError(f"draft_kernel {draft_kernel} cannot run here (available: {', '.join(names) or 'none'})")
+        names = [draft_kernel]
+    elif fused_draft is not None:
+        names = [n for n in names if (n in draft_kernels.FUSED) == fused_draft]
+        if not names and fused_draft:
+            raise ValueError("fused_draft: the fused CPU draft cannot run here (no compiled kernel, or a model "
+                             "it does not cover: it needs a float32 model without q/k norms)")
+    try:
+        return draft_kernels.choose_cached(runner, options.calibration_ids, names, options.model_identity)
+    except ValueError as e:
+        if forced:
+            raise
+        if options.draft_dtype_name != "auto":
+            raise ValueError(f"draft_dtype int8 is not supported on cpu by this torch build ({e}); "
+                             f"use float16 or bfloat16") from e
+        log.warning("no int8 kernel runs here (%s): the draft copy falls back to float16", e)
+        runner.set_draft_dtype(torch.float16)
+        return None
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self.draft_kernel: DraftKernelChoice | None = None
+
+    def prepare(self, runner: ModelRunner, options: LoadOptions) -> DraftKernelChoice | None:
+        if runner.dtype == torch.float32:
+            for matrix in runner.weights.matrices():  # now, not in the first request
+                if isinstance(matrix, DenseMatrix):
+                    matrix.pad_single_row = calibrate_single_row(matrix.shape)
+        self.draft_kernel = set_up_draft(runner, options)
+        pack = options.pack_weights
+        if pack is None:
+            pack = packing_available(runner) and runner.weights.nbytes() <= physical_memory() // 4
+        if pack:
+            pack_weights(runner)
+        return self.draft_kernel
+
+    def cost_model(self, runner: ModelRunner) -> CostModel:
+        """From weight bytes: a plain step reads every weight once; the first extra verification row
+        costs more than later ones, since a plain step has a one-row kernel of its own (measured
+        ratios: docs/performance.md)."""
+        return CostModel(1.0 / runner.weights.nbytes(), 1.0, 0.2, 0.07 if runner.packed_nbytes else 0.15)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "single_row_as_two": single_row_choices(),
+                "draft_kernel": self.draft_kernel.chosen if self.draft_kernel else None}
+
+

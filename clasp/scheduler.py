@@ -1,0 +1,117 @@
+"""Continuous batching: many requests share every forward pass.
+
+A `Scheduler` owns one slot KV cache ([slots, kv_heads, positions, head_dim] per layer) and the
+requests decoding in it. Requests join and leave between rounds: `admit` gives a request a free
+slot, `step` advances every admitted request by one round (clasp.decoding.step: one batched
+draft call per draft position, one verification pass for all), and a finished or released
+request frees its slot at once.
+
+Memory is bounded by construction: the cache is allocated once for `num_slots` slots of
+`slot_tokens` positions, so a request whose prompt plus max_new_tokens exceeds a slot is refused
+(ValueError naming the field) and one that finds no free slot waits (the caller's queue).
+
+Prefill: at most one request reads its prompt per step, in pieces of `prefill_chunk_tokens`, so a
+long prompt holds the others for one piece at a time (docs/performance.md has the measured cost
+of a piece).
+
+Speculation and batch size: each request's controller chooses its own draft length from its own
+acceptance, but the costs it sees are the batch's: the wall time of the round's batched draft and
+verification. On a memory-bound CPU a few more rows cost little, so speculation stays on while
+it pays; where verification of many rows costs more than the tokens it saves, the controllers see
+that cost and draft less, down to plain steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from clasp.config import ClaspConfig, SamplingParams
+from clasp.decoding import start_request, step
+from clasp.output import Chunk
+from clasp.plan_exchange import PlanExchange
+from clasp.planner import LayerPlan
+from clasp.request import Request
+
+DEFAULT_SLOTS = 8
+DEFAULT_SLOT_TOKENS = 2048
+BATCH_PREFILL_CHUNK_TOKENS = 128  # prompt tokens per step while other requests are decoding
+
+
+class Scheduler:
+    def __init__(self, engine, num_slots: int = DEFAULT_SLOTS, slot_tokens: int = DEFAULT_SLOT_TOKENS,
+                 prefill_chunk_tokens: int = BATCH_PREFILL_CHUNK_TOKENS) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if slot_tokens < 2:
+            raise ValueError(f"slot_tokens must be >= 2, got {slot_tokens}")
+        if prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
+        self.engine = engine
+        runner = engine.runner
+        self.slot_tokens = min(slot_tokens, runner.spec.max_context)
+        self.cache = runner.new_cache(self.slot_tokens, num_slots)
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.free = list(range(num_slots - 1, -1, -1))  # pop() gives slot 0 first
+        self.active: list[Request] = []
+
+    @property
+    def num_slots(self) -> int:
+        return self.cache.num_slots
+
+    @property
+    def kv_nbytes(self) -> int:
+        return self.cache.nbytes()
+
+    def has_free_slot(self) -> bool:
+        return bool(self.free)
+
+    def check_fits(self, num_prompt_tokens: int) -> None:
+        """ValueError naming the field if a prompt cannot fit a slot with at least one new token."""
+        if num_prompt_tokens >= self.slot_tokens:
+            raise ValueError(f"prompt: {num_prompt_tokens} tokens do not fit a decoding slot of {self.slot_tokens} "
+                             f"positions (prompt plus at least one new token)")
+
+    def admit(self, prompt_ids: list[int], params: SamplingParams, config: ClaspConfig,
+              initial_plan: LayerPlan | None = None, plan_exchange: PlanExchange | None = None) -> Request:
+        """Start a request in a free slot. max_new_tokens is clipped to what the slot holds after the
+        prompt. Raises ValueError for a prompt that cannot fit, RuntimeError without a free slot."""
+        self.check_fits(len(prompt_ids))
+        if not self.free:
+            raise RuntimeError("no free decoding slot")
+        room = self.slot_tokens - len(prompt_ids)
+        if params.max_new_tokens > room:
+            params = dataclasses.replace(params, max_new_tokens=room)
+        # While others decode, a prompt is read in smaller pieces (each step holds them for one piece).
+        if config.prefill_chunk_tokens > self.prefill_chunk_tokens:
+            config = dataclasses.replace(config, prefill_chunk_tokens=self.prefill_chunk_tokens)
+        slot = self.free.pop()
+        try:
+            req = start_request(self.engine.runner, self.engine.tokenizer, prompt_ids, params, config,
+                                self.engine.eos_ids, initial_plan, plan_exchange, cache=self.cache, slot=slot)
+        except BaseException:
+            self.free.append(slot)
+            raise
+        self.active.append(req)
+        return req
+
+    def release(self, req: Request) -> None:
+        """Take a request out (finished, aborted or cancelled) and free its slot."""
+        if req in self.active:
+            self.active.remove(req)
+            self.free.append(req.slot)
+
+    def step(self) -> list[tuple[Request, Chunk]]:
+        """One round for every active request (at most one of them reading its prompt); finished
+        requests are released. Returns (request, chunk) for each request that ran."""
+        running, prefilling = [], False
+        for req in self.active:
+            if req.prefilling:
+                if prefilling:
+                    continue  # one prompt at a time: the others' rounds are not held longer
+                prefilling = True
+            running.append(req)
+        chunks = step(self.engine.runner, running)
+        for req in running:
+            if req.finished:
+                self.release(req)
+        return list(zip(running, chunks))
