@@ -1,0 +1,93 @@
+"""Continuous batching in the core: requests share each forward pass through the slot KV cache,
+join and leave at round boundaries, and each one's greedy output equals what it gives alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clasp.config import ClaspConfig, SamplingParams
+from clasp.model_runner import Segment
+from clasp.scheduler import Scheduler
+
+PROMPTS = ["Write a short poem about the sea.", "Name three primary colors.", "What is 12 times 7?",
+           "Explain why the sky is blue in two sentences.", "List the days of the week."]
+
+
+def test_batched_forward_equals_each_segment_alone(engine):
+    """Ragged rows of several slots in one pass: each segment's logits equal its own pass."""
+    runner = engine.runner
+    ids = [torch.tensor(engine.encode(p)) for p in PROMPTS[:3]]
+    batched = runner.new_cache(128, num_slots=3)
+    for slot, t in enumerate(ids):
+        runner.forward(t[:-3], batched, 0, slot=slot)
+    segments = [Segment(slot, len(t) - 3, t[-3:]) for slot, t in enumerate(ids)]
+    segments[1] = Segment(1, len(ids[1]) - 3, ids[1][-3:-2])  # one single-token row among multi-token ones
+    got = runner.forward_batch(segments, batched)
+    row = 0
+    for slot, (t, seg) in enumerate(zip(ids, segments)):
+        alone = runner.new_cache(128)
+        runner.forward(t[:-3], alone, 0)
+        expected = runner.forward(seg.token_ids, alone, seg.start)
+        torch.testing.assert_close(got[row:row + seg.num_tokens], expected, rtol=1e-4, atol=1e-4)
+        assert batched.lengths[slot] == seg.start + seg.num_tokens
+        row += seg.num_tokens
+
+
+def test_batched_draft_with_different_skip_sets(engine):
+    """One draft call for requests with different skip sets equals each request's own draft."""
+    runner = engine.runner
+    ids = [torch.tensor(engine.encode(p)) for p in PROMPTS[:3]]
+    skips = [frozenset({3, 7, 11}), frozenset(), frozenset({5, 6})]
+    batched = runner.new_cache(128, num_slots=3)
+    for slot, t in enumerate(ids):
+        runner.forward(t[:-1], batched, 0, slot=slot)
+    segments = [Segment(s, len(t) - 1, t[-1:], k) for s, (t, k) in enumerate(zip(ids, skips))]
+    got = runner.forward_batch(segments, batched, draft=False)
+    for i, (t, k) in enumerate(zip(ids, skips)):
+        alone = runner.new_cache(128)
+        runner.forward(t[:-1], alone, 0)
+        torch.testing.assert_close(got[i:i + 1], runner.forward(t[-1:], alone, len(t) - 1, k), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["ar", "clasp"])
+def test_streams_joining_and_leaving_equal_their_solo_output(engine, mode):
+    """Five greedy requests of different lengths; two join after the others have started and the
+    short ones leave early. Every output equals the same request decoded alone."""
+    lengths = [40, 12, 28, 20, 8]
+    config = ClaspConfig(mode=mode)
+    prompts = [engine.encode(p) for p in PROMPTS]
+    solo = [engine.generate(p, SamplingParams(max_new_tokens=n), ClaspConfig(mode="ar")).token_ids
+            for p, n in zip(prompts, lengths)]
+    scheduler = Scheduler(engine, num_slots=3, slot_tokens=256)
+    pending = list(range(len(prompts)))
+    requests, results = {}, {}
+    rounds = 0
+    while pending or scheduler.active:
+        while pending and scheduler.has_free_slot() and (rounds > 2 or len(requests) < 2):
+            i = pending.pop(0)
+            requests[i] = scheduler.admit(prompts[i], SamplingParams(max_new_tokens=lengths[i]), config)
+        for req, chunk in scheduler.step():
+            if chunk.result is not None:
+                results[next(i for i, r in requests.items() if r is req)] = chunk.result
+        rounds += 1
+        assert rounds < 500
+    assert len(results) == len(prompts)
+    for i, expected in enumerate(solo):
+        assert results[i].token_ids == expected, f"request {i} differs in the batch"
+    assert sorted(scheduler.free) == [0, 1, 2]
+
+
+def test_scheduler_bounds_and_release(engine):
+    scheduler = Scheduler(engine, num_slots=1, slot_tokens=64)
+    prompt = engine.encode("Hello there")
+    with pytest.raises(ValueError, match="prompt"):
+        scheduler.admit(list(range(1, 70)), SamplingParams(), ClaspConfig())
+    req = scheduler.admit(prompt, SamplingParams(max_new_tokens=1000), ClaspConfig())
+    assert req.max_new_tokens == 64 - len(prompt)  # clipped to the slot
+    with pytest.raises(RuntimeError, match="slot"):
+        scheduler.admit(prompt, SamplingParams(), ClaspConfig())
+    scheduler.step()
+    scheduler.release(req)
+    assert scheduler.has_free_slot() and not scheduler.active
+    assert scheduler.kv_nbytes == engine.runner.new_cache(64).nbytes()
