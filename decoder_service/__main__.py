@@ -49,8 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=FUSED_DRAFT_HELP + " [CLASP_FUSED_DRAFT]")
     p.add_argument("--draft-kernel", default=env("DRAFT_KERNEL", "auto"), choices=("auto",) + DRAFT_KERNELS,
                    help=DRAFT_KERNEL_HELP + " [CLASP_DRAFT_KERNEL]")
-    p.add_argument("--max-concurrent", type=int, default=int(env("MAX_CONCURRENT", 2)),
-                   help="streams decoding at once [CLASP_MAX_CONCURRENT]")
+    p.add_argument("--max-concurrent", type=int, default=int(env("MAX_CONCURRENT", 8)),
+                   help="streams decoding at once, as one batch: each round drafts and verifies all of them in "
+                        "shared forward passes; each holds a KV slot of --slot-tokens positions [CLASP_MAX_CONCURRENT]")
+    p.add_argument("--slot-tokens", type=int, default=int(env("SLOT_TOKENS", 2048)),
+                   help="KV positions per decoding slot: prompt plus new tokens of one stream (max_new_tokens is "
+                        "clipped to what is left) [CLASP_SLOT_TOKENS]")
+    p.add_argument("--kv-budget-mib", type=int, default=int(env("KV_BUDGET_MIB", 1024)),
+                   help="memory for all slots' KV cache, allocated once at start; fewer slots than --max-concurrent "
+                        "where they would not fit [CLASP_KV_BUDGET_MIB]")
     p.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", 16)),
                    help="streams waiting for a slot before RESOURCE_EXHAUSTED [CLASP_MAX_QUEUE]")
     p.add_argument("--grace-period-s", type=float, default=float(env("GRACE_PERIOD_S", 20)),
@@ -66,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-dtype", default=env("DRAFT_DTYPE", d.draft_dtype),
                    choices=DRAFT_DTYPE_CHOICES,
                    help="draft weight copy dtype, 'none' to share [CLASP_DRAFT_DTYPE]")
-    p.add_argument("--max-prompt-tokens", type=int, default=int(env("MAX_PROMPT_TOKENS", 4096)),
+    p.add_argument("--max-prompt-tokens", type=int, default=int(env("MAX_PROMPT_TOKENS", 1792)),
                    help="longest prompt accepted, in tokens (at most the context window) [CLASP_MAX_PROMPT_TOKENS]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[CLASP_LOG_LEVEL]")
     add_security_flags(p, env)
@@ -84,7 +91,7 @@ async def serve(args: argparse.Namespace) -> None:
     health = add_health_and_reflection(server, [SERVICE], args.reflection)
     torch_thread = torch_executor()
     servicer = DecoderServicer(metrics, args.max_concurrent, args.max_queue, args.max_new_tokens, torch_thread,
-                               args.max_prompt_tokens, auth)
+                               args.max_prompt_tokens, auth, args.slot_tokens)
     pb_grpc.add_DecoderServicer_to_server(servicer, server)
     await set_serving(health, [SERVICE], False)
     bound = add_port(server, listen_address(args.host, args.port), args)  # TLS with --tls-cert-file
@@ -104,7 +111,8 @@ async def serve(args: argparse.Namespace) -> None:
         if args.redis_url:
             bus = PlanBus(redis_client(args.redis_url), engine.identity, engine.runner.spec.num_layers, metrics=metrics)
             bus.start()
-        servicer.attach(engine, bus)
+        servicer.attach(engine, bus, args.kv_budget_mib << 20)
+        servicer.start_batching()
         await stop.unless_stopped(loop.run_in_executor(torch_thread, servicer.warm_up))
     except StoppedBeforeReady:
         await server.stop(0)

@@ -34,6 +34,8 @@ class DecoderMetrics:
         self.redis_up = Gauge("clasp_redis_up", "1 when the decoder's Redis connection works", registry=r)
         self.queue_depth = Gauge("clasp_queue_depth", "Requests waiting for a decode slot", registry=r)
         self.active = Gauge("clasp_active_requests", "Requests decoding now", registry=r)
+        self.batch_size = Histogram("clasp_batch_size", "Requests advanced together per engine step",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
         self.cancelled_rounds = Counter("clasp_cancelled_requests", "Requests stopped early (cancel, deadline, abort)",
                                         ["reason"], registry=r)
 

@@ -13,8 +13,10 @@ import structlog
 
 from clasp.config import ClaspConfig, SamplingParams
 from clasp.engine import Engine
+from clasp.scheduler import DEFAULT_SLOT_TOKENS, Scheduler
 from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
+from decoder_service.batch_loop import BatchLoop, Stream, next_chunk
 from decoder_service.convert import chunk_to_pb, final_to_pb, request_from_pb
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.model_info import model_info
@@ -37,7 +39,8 @@ class _Admitted:
 class DecoderServicer(pb_grpc.DecoderServicer):
     def __init__(self, metrics: DecoderMetrics, max_concurrent: int, max_queue: int,
                  default_max_new_tokens: int, executor: concurrent.futures.Executor,
-                 max_prompt_tokens: int | None = None, auth: BearerAuth | None = None) -> None:
+                 max_prompt_tokens: int | None = None, auth: BearerAuth | None = None,
+                 slot_tokens: int = DEFAULT_SLOT_TOKENS) -> None:
         self.engine: Engine | None = None  # set by attach() once loaded; the server starts before
         self.bus: PlanBus | None = None
         self.metrics = metrics
@@ -45,10 +48,13 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         self.max_prompt_tokens = max_prompt_tokens
         self.auth = auth
         self.max_queue = max_queue
-        self.slots = asyncio.Semaphore(max_concurrent)
-        # The process's one torch thread (it also loaded and warmed the model): concurrent
-        # streams interleave round by round on it. See service_common.torch_executor.
+        self.max_concurrent = max_concurrent
+        self.slot_tokens = slot_tokens
+        self.slots = asyncio.Semaphore(max_concurrent)  # permits = decoding slots in the batch
+        # The process's one torch thread (it also loaded and warmed the model): every admitted
+        # stream decodes in one batch on it (BatchLoop). See service_common.torch_executor.
         self.executor = executor
+        self.batch: BatchLoop | None = None
         self.waiting = 0
         self.draining = False
         # request_id -> every admitted request, queued or decoding: an id is in use from
@@ -59,8 +65,27 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         """Streams decoding or waiting for a slot."""
         return len(self.requests)
 
-    def attach(self, engine: Engine, bus: PlanBus | None) -> None:
+    def attach(self, engine: Engine, bus: PlanBus | None, kv_budget_bytes: int | None = None) -> None:
+        """Serve `engine`: allocate the batch's KV cache, max_concurrent slots of slot_tokens positions,
+        fewer where that would exceed kv_budget_bytes (call on the event loop, before serving)."""
+        spec = engine.runner.spec
+        slot_bytes = (2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * engine.runner.dtype.itemsize
+                      * min(self.slot_tokens, spec.max_context))
+        slots = self.max_concurrent
+        if kv_budget_bytes is not None and slots * slot_bytes > kv_budget_bytes:
+            slots = kv_budget_bytes // slot_bytes
+            if slots < 1:
+                raise ValueError(f"kv budget {kv_budget_bytes >> 20} MiB holds no slot of {self.slot_tokens} positions "
+                                 f"({slot_bytes >> 20} MiB): raise --kv-budget-mib or lower --slot-tokens")
+            log.warning("fewer decoding slots than --max-concurrent: the KV budget holds only these",
+                        slots=slots, max_concurrent=self.max_concurrent, slot_mib=slot_bytes >> 20)
+            self.max_concurrent, self.slots = slots, asyncio.Semaphore(slots)
+        self.batch = BatchLoop(Scheduler(engine, slots, self.slot_tokens), self.executor, self.metrics)
         self.engine, self.bus = engine, bus
+
+    def start_batching(self) -> None:
+        """Start the engine loop (on the event loop, once attached)."""
+        self.batch.start()
 
     def warm_up(self) -> None:
         """One short generation of every kind so the first request pays no first-call costs."""
@@ -137,6 +162,7 @@ class DecoderServicer(pb_grpc.DecoderServicer):
                               self.max_prompt_tokens)
         if req.request_id in self.requests:
             raise ValueError(f"request_id: {req.request_id!r} is already in use")
+        self.batch.scheduler.check_fits(len(req.prompt_ids))
         with structlog.contextvars.bound_contextvars(request_id=req.request_id, session_id=req.session_id):
             if self.waiting >= self.max_queue:
                 self.metrics.requests.labels(outcome="rejected").inc()
@@ -168,28 +194,31 @@ class DecoderServicer(pb_grpc.DecoderServicer):
                 self.requests.pop(req.request_id, None)
 
     async def _decode(self, req, context, entry: _Admitted):
-        loop = asyncio.get_running_loop()
         session = req.session_id or req.request_id  # an unnamed request still plans through the planner
         exchange = SessionExchange(self.bus, session) if self.bus is not None else None
         if exchange is not None:
             self.bus.watch(session)
-        stream = self.engine.stream(req.prompt_ids, req.params, req.config,
-                                    initial_plan=exchange.initial_plan() if exchange else None,
-                                    plan_exchange=exchange)
+        stream = Stream(req.prompt_ids, req.params, req.config, exchange.initial_plan() if exchange else None,
+                        exchange)
+        self.batch.submit(stream)
         started = time.perf_counter()
         first_token_at = None
         num_generated, result, finish = 0, None, None
-        pending = None
+        aborted = asyncio.ensure_future(entry.abort.wait())
         try:
             while result is None:
-                pending = loop.run_in_executor(self.executor, next, stream)
-                chunk = await pending
-                pending = None
-                result = chunk.result
-                num_generated += len(chunk.token_ids)
-                if first_token_at is None and chunk.token_ids:
-                    first_token_at = time.perf_counter()
-                    self.metrics.time_to_first_token_s.observe(first_token_at - started)
+                getting = asyncio.ensure_future(next_chunk(stream))
+                await asyncio.wait({getting, aborted}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():  # aborted while waiting for its round (e.g. behind another prompt)
+                    getting.cancel()
+                    chunk = None
+                else:
+                    chunk = getting.result()
+                    result = chunk.result
+                    num_generated += len(chunk.token_ids)
+                    if first_token_at is None and chunk.token_ids:
+                        first_token_at = time.perf_counter()
+                        self.metrics.time_to_first_token_s.observe(first_token_at - started)
                 if result is None:
                     # Checked between rounds (and prefill pieces): cancellation and aborts take
                     # effect within one step.
@@ -199,10 +228,11 @@ class DecoderServicer(pb_grpc.DecoderServicer):
                     elif remaining is not None and remaining <= 0:
                         finish = "cancelled"
                     if finish:
+                        self.batch.cancel(stream)
                         self.metrics.cancelled_rounds.labels(reason=finish).inc()
                         log.info("generation stopped early", reason=entry.reason if finish == "aborted" else finish,
                                  num_generated=num_generated)
-                        if chunk.token_ids:
+                        if chunk is not None and chunk.token_ids:
                             yield chunk_to_pb(req.request_id, chunk.token_ids, chunk.text)
                         break
                     if not chunk.token_ids:
@@ -225,10 +255,8 @@ class DecoderServicer(pb_grpc.DecoderServicer):
             log.info("generation cancelled by the client", num_generated=num_generated)
             raise
         finally:
+            aborted.cancel()
+            if result is None:
+                self.batch.cancel(stream)  # leaves the batch at the next round boundary
             if exchange is not None:
                 self.bus.unwatch(session)
-            # The engine's generator may still be inside a round on a worker: close it after.
-            if pending is not None and not pending.done():
-                pending.add_done_callback(lambda _: stream.close())
-            else:
-                stream.close()
