@@ -11,7 +11,7 @@ PROMPT ?= Explain in three sentences why the sky is blue.
 BENCH ?= quick
 BENCH_ARGS ?=
 
-.PHONY: help setup proto kernels start start-http run stop demo-engine test fuzz load bench bench-service bench-sampling bench-loi bench-kernels bench-planner bench-http bench-all image image-gpu image-test deploy deploy-check clean distclean
+.PHONY: help setup proto kernels start start-http run stop demo-engine test fuzz load bench bench-service bench-sampling bench-loi bench-kernels bench-planner bench-http bench-load bench-all image image-gpu image-test deploy deploy-check clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -181,7 +181,10 @@ bench-planner: setup  ## DP time per plan vs context length, M and layers
 bench-http: setup  ## HTTP API benchmark: TTFT and tok/s via the OpenAI-compatible gateway beside gRPC and in-process (~3 min)
 	$(PY) benchmarks/bench_http.py $(BENCH_ARGS)
 
-bench-all: bench bench-service bench-sampling bench-loi bench-kernels bench-planner bench-http  ## every benchmark above, one after another
+bench-load: setup  ## throughput against concurrency: N = 1, 2, 4, 8, 16 streaming gRPC clients, ar and clasp, beside transformers' padded batch (~10 min)
+	$(PY) benchmarks/bench_load.py $(BENCH_ARGS)
+
+bench-all: bench bench-service bench-sampling bench-loi bench-kernels bench-planner bench-http bench-load  ## every benchmark above, one after another
 
 clean:  ## remove caches of Python and pytest
 	rm -rf .pytest_cache $$(find . -name __pycache__ -not -path './.venv/*')
