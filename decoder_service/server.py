@@ -19,7 +19,7 @@ from decoder_service.convert import chunk_to_pb, final_to_pb, request_from_pb
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.model_info import model_info
 from decoder_service.plan_bus import PlanBus, SessionExchange
-from decoder_service.security import BearerAuth, caller_identity
+from serving.security import BearerAuth, caller_identity
 
 log = structlog.get_logger("decoder")
 
@@ -47,7 +47,7 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         self.max_queue = max_queue
         self.slots = asyncio.Semaphore(max_concurrent)
         # The process's one torch thread (it also loaded and warmed the model): concurrent
-        # streams interleave round by round on it. See service_common.torch_executor.
+        # streams interleave round by round on it. See serving.service.torch_executor.
         self.executor = executor
         self.waiting = 0
         self.draining = False
