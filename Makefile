@@ -56,7 +56,7 @@ PLANNER_PORT ?= 50052
 HTTP_PORT ?= 8000
 DECODER_THREADS ?= 2
 PLANNER_THREADS ?= 1
-# The services log in as Redis ACL user clasp (decoder_service/security.py: only their commands and
+# The services log in as Redis ACL user clasp (serving/security.py: only their commands and
 # clasp:* keys); the default user is off. The password stays in run/redis.pass (mode 600).
 SERVICE_ENV = CLASP_REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0 CLASP_REDIS_USERNAME=clasp CLASP_REDIS_PASSWORD_FILE=$(RUN)/redis.pass
 
@@ -65,7 +65,7 @@ start: setup  ## start Redis, the planner and the decoder in the background; wai
 	@test -s $(RUN)/redis.pass || $(PY) -c "import secrets; print(secrets.token_hex(24))" > $(RUN)/redis.pass
 	@chmod 600 $(RUN)/redis.pass
 	@{ printf 'port $(REDIS_PORT)\nbind 127.0.0.1\nsave ""\nappendonly no\ndaemonize yes\npidfile $(RUN)/redis.pid\nlogfile $(RUN)/redis.log\n'; \
-	  $(PY) -m decoder_service.security redis-conf $(RUN)/redis.pass; } > $(RUN)/redis.conf
+	  $(PY) -m serving.security redis-conf $(RUN)/redis.pass; } > $(RUN)/redis.conf
 	@chmod 600 $(RUN)/redis.conf
 	@test -f $(RUN)/redis.pid && kill -0 $$(cat $(RUN)/redis.pid) 2>/dev/null || $(VENV)/bin/redis-server $(RUN)/redis.conf
 	@test -f $(RUN)/planner.pid && kill -0 $$(cat $(RUN)/planner.pid) 2>/dev/null || \

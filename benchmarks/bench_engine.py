@@ -62,6 +62,7 @@ if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
     sys.path.insert(0, str(REPO))
 
 from benchmarks.chart import chart_title, render_chart  # noqa: E402
+from benchmarks.report import fmt, tokens_per_s_cell  # noqa: E402
 from clasp import draft_kernels  # noqa: E402
 from clasp.config import DRAFT_DTYPE_CHOICES, ClaspConfig, SamplingParams  # noqa: E402
 from clasp.cpu_draft import cpu_flags, cpu_name  # noqa: E402
@@ -386,18 +387,6 @@ def machine_info(device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------------- output
-def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{suffix}"
-
-
-def _tokens_per_s_cell(aggregate_row: dict | None) -> str:
-    if aggregate_row is None:
-        return "-"  # method not run
-    if aggregate_row["tokens_per_s"] is None and aggregate_row.get("error"):
-        return "error"  # every question failed; the error is in the notes
-    return _fmt(aggregate_row["tokens_per_s"])
-
-
 def render_markdown(summary: dict) -> str:
     """The results as markdown: tokens/s per method, speedups over ar, and the speculation figures."""
     meta, tables = summary["meta"], summary["tables"]
@@ -413,9 +402,9 @@ def render_markdown(summary: dict) -> str:
     header = (["Category"] + [f"{x} tok/s" for x in methods] + [f"{x}/ar" for x in others if "ar" in methods])
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for name, table in tables.items():
-        cells = [name] + [_tokens_per_s_cell(table.get(x)) for x in methods]
+        cells = [name] + [tokens_per_s_cell(table.get(x)) for x in methods]
         if "ar" in methods:
-            cells += [_fmt(table["speedup_vs_ar"].get(x), ".2f", "x") for x in others]
+            cells += [fmt(table["speedup_vs_ar"].get(x), ".2f", "x") for x in others]
         lines.append("| " + " | ".join(cells) + " |")
     speculative = [x for x in methods if tables["overall"].get(x, {}).get("mean_accepted_length") is not None]
     if speculative:
@@ -424,12 +413,12 @@ def render_markdown(summary: dict) -> str:
                   "skip ratio | DP time share | plan I/O share |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for x in speculative:
             t = tables["overall"][x]
-            lines.append(f"| {x} | {_fmt(t['mean_accepted_length'], '.2f')} | {_fmt(t['acceptance_rate'], '.1%')} | "
-                         f"{_fmt(t.get('plain_round_share'), '.0%')} | {t.get('ngram_draft_tokens', 0)} / "
-                         f"{t.get('ngram_accepted_tokens', 0)} | {_fmt(t['skip_ratio'], '.0%')} | "
-                         f"{_fmt(t['dp_share'], '.1%')} | {_fmt(t.get('plan_io_share'), '.2%')} |")
+            lines.append(f"| {x} | {fmt(t['mean_accepted_length'], '.2f')} | {fmt(t['acceptance_rate'], '.1%')} | "
+                         f"{fmt(t.get('plain_round_share'), '.0%')} | {t.get('ngram_draft_tokens', 0)} / "
+                         f"{t.get('ngram_accepted_tokens', 0)} | {fmt(t['skip_ratio'], '.0%')} | "
+                         f"{fmt(t['dp_share'], '.1%')} | {fmt(t.get('plan_io_share'), '.2%')} |")
         lines += ["", "Mean accepted length per category: " + "; ".join(
-            f"{name} " + ", ".join(f"{x} {_fmt(tables[name].get(x, {}).get('mean_accepted_length'), '.2f')}"
+            f"{name} " + ", ".join(f"{x} {fmt(tables[name].get(x, {}).get('mean_accepted_length'), '.2f')}"
                                    for x in speculative) for name in tables if name != "overall")]
     lines += ["", _notes(summary)]
     return "\n".join(lines) + "\n"

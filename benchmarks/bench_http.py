@@ -45,14 +45,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
     sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_engine import (DEFAULT_OUT, QUICK_MAX_NEW_TOKENS, Question, _fmt, git_commit,  # noqa: E402
+from benchmarks.bench_engine import (DEFAULT_OUT, QUICK_MAX_NEW_TOKENS, Question, git_commit,  # noqa: E402
                                      load_questions, machine_info, DEFAULT_QUESTIONS)
 from benchmarks.bench_service import (free_port, log_tail, process_peak_rss_mib, service_env,  # noqa: E402
                                       service_stack, start_process, stop_process)
+from benchmarks.report import fmt  # noqa: E402
 from clasp.config import SamplingParams  # noqa: E402
 from clasp.engine import Engine  # noqa: E402
 from clasp.loading import resolve_device  # noqa: E402
-from clients.sdk import ClaspClient, _Collector, build_request  # noqa: E402
+from clients.sdk import ClaspClient, Collector, build_request  # noqa: E402
 
 METHODS = ("grpc", "http", "engine")
 READY_TIMEOUT_S = 60.0
@@ -75,7 +76,7 @@ class Row:
 
 
 def grpc_run(client: ClaspClient, prompt: str, max_new_tokens: int) -> dict:
-    collector, ttft = _Collector(), None
+    collector, ttft = Collector(), None
     t0 = time.perf_counter()
     for message in client.stream(build_request(prompt, max_new_tokens=max_new_tokens), timeout_s=REQUEST_TIMEOUT_S):
         if ttft is None and message.text:
@@ -189,7 +190,7 @@ def render_markdown(summary: dict) -> str:
         a = t[method]
         same = ("-" if a["text_mismatches_vs_grpc"] is None
                 else f"{a['num_questions'] - a['text_mismatches_vs_grpc']}/{a['num_questions']}")
-        lines.append(f"| {method} | {_fmt(a['tokens_per_s'])} | {_fmt(a['ttft_ms'], '.0f')} | {a['tokens']} | {same} |")
+        lines.append(f"| {method} | {fmt(a['tokens_per_s'])} | {fmt(a['ttft_ms'], '.0f')} | {a['tokens']} | {same} |")
     r = summary["ratios"]
     cpu = {m: t[m].get("cpu_ms_per_token") or {} for m in ("grpc", "http")}
     if cpu["http"]:
@@ -197,12 +198,12 @@ def render_markdown(summary: dict) -> str:
                       "includes OpenMP's spin-waiting, which grows when the cores are shared):", "",
                   "| method | decoder | gateway | driver (client) |", "|---|---:|---:|---:|"]
         for m in ("grpc", "http"):
-            lines.append(f"| {m} | {_fmt(cpu[m].get('decoder'), '.2f')} | {_fmt(cpu[m].get('gateway'), '.3f')} | "
-                         f"{_fmt(cpu[m].get('driver'), '.3f')} |")
-    lines += ["", f"- http/grpc tokens/s: {_fmt(r.get('http_vs_grpc'), '.3f', 'x')} (median per question "
-                  f"{_fmt(r.get('http_vs_grpc_median_per_question'), '.3f', 'x')}); grpc/engine: "
-                  f"{_fmt(r.get('grpc_vs_engine'), '.3f', 'x')}; http/engine: {_fmt(r.get('http_vs_engine'), '.3f', 'x')}",
-              f"- mean TTFT, http minus grpc: {_fmt(r.get('ttft_http_minus_grpc_ms'), '.1f')} ms"]
+            lines.append(f"| {m} | {fmt(cpu[m].get('decoder'), '.2f')} | {fmt(cpu[m].get('gateway'), '.3f')} | "
+                         f"{fmt(cpu[m].get('driver'), '.3f')} |")
+    lines += ["", f"- http/grpc tokens/s: {fmt(r.get('http_vs_grpc'), '.3f', 'x')} (median per question "
+                  f"{fmt(r.get('http_vs_grpc_median_per_question'), '.3f', 'x')}); grpc/engine: "
+                  f"{fmt(r.get('grpc_vs_engine'), '.3f', 'x')}; http/engine: {fmt(r.get('http_vs_engine'), '.3f', 'x')}",
+              f"- mean TTFT, http minus grpc: {fmt(r.get('ttft_http_minus_grpc_ms'), '.1f')} ms"]
     if short:
         lines.append(f"- one-token requests ({short['n']} each, alternating): median grpc {short['grpc_ms']:.1f} ms, "
                      f"http {short['http_ms']:.1f} ms: the gateway adds {short['http_ms'] - short['grpc_ms']:.1f} ms "
@@ -210,12 +211,12 @@ def render_markdown(summary: dict) -> str:
                      f"{short['gateway_cpu_ms_per_request']:.1f} ms per one-token request (less its idle rate)")
     if r.get("gateway_cpu_ms_per_token") is not None:
         lines.append(f"- the gateway's own CPU time (less its idle rate) is {r['gateway_cpu_ms_per_token']:.2f} ms per "
-                     f"generated token, {_fmt(r.get('gateway_cpu_share_of_grpc_token_time'), '.2%')} of gRPC's wall "
+                     f"generated token, {fmt(r.get('gateway_cpu_share_of_grpc_token_time'), '.2%')} of gRPC's wall "
                      "time per token in this run: on cores the decoder keeps busy, about the most it can slow tokens/s")
     errors = [f"{k}: {v['error']}" for k, v in t.items() if v.get("error")]
     if errors:
         lines.append("- errors: " + "; ".join(errors))
-    rss = ", ".join(f"{n} {_fmt(v, '.0f')}" for n, v in (meta.get("peak_rss_mib") or {}).items())
+    rss = ", ".join(f"{n} {fmt(v, '.0f')}" for n, v in (meta.get("peak_rss_mib") or {}).items())
     lines.append(f"- peak RSS MiB: {rss}; wall time {meta['wall_seconds']:.0f} s")
     return "\n".join(lines) + "\n"
 
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                     row.matches_grpc = row.text == done["grpc"].text
                 rows.append(row)
                 print(f"q{q.question_id:<4d} {q.category:<14s} {method:<6s} {row.num_tokens:4d} tok "
-                      f"{row.tokens_per_s:6.1f} tok/s TTFT {_fmt(row.ttft_s and row.ttft_s * 1000, '.0f')} ms"
+                      f"{row.tokens_per_s:6.1f} tok/s TTFT {fmt(row.ttft_s and row.ttft_s * 1000, '.0f')} ms"
                       f"{'  MISMATCH' if row.matches_grpc is False else ''}{'  ' + row.error if row.error else ''}",
                       file=sys.stderr, flush=True)
         if args.short:

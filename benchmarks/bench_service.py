@@ -55,15 +55,16 @@ if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
     sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_engine import (DEFAULT_OUT, QUICK_MAX_NEW_TOKENS,  # noqa: E402
-                                     QUICK_PER_CATEGORY, WARMUP_PROMPT, WARMUP_TOKENS, Question, _fmt,
-                                     _tokens_per_s_cell, engine_runner, git_commit, load_questions, machine_info,
+                                     QUICK_PER_CATEGORY, WARMUP_PROMPT, WARMUP_TOKENS, Question,
+                                     engine_runner, git_commit, load_questions, machine_info,
                                      add_question_args, group_by_category, parse_methods, peak_rss_mib,
                                      write_results)
+from benchmarks.report import fmt, tokens_per_s_cell  # noqa: E402
 from clasp.config import ClaspConfig  # noqa: E402
 from clasp.engine import Engine  # noqa: E402
 from clasp.loading import model_identity, resolve_device, resolve_dtype  # noqa: E402
-from clasp.plan_exchange import PLAN_REQUEST_STREAM, PLANNER_GROUP  # noqa: E402
-from clients.sdk import ClaspClient, _Collector, build_request  # noqa: E402
+from clients.sdk import ClaspClient, Collector, build_request  # noqa: E402
+from serving.plan_wire import PLAN_REQUEST_STREAM, PLANNER_GROUP  # noqa: E402
 
 DP_SKIP_LAYERS = 6  # M for grpc_clasp_dp: the DP has layers to choose, so the planner does real work
 GRPC_OPTIONS = {"grpc_ar": {"mode": "ar"}, "grpc_clasp": {"mode": "clasp"},
@@ -287,7 +288,7 @@ def grpc_runner(client: ClaspClient, options: dict) -> Runner:
     def run(prompt: str, max_new_tokens: int) -> dict:
         request = build_request(prompt, session_id=f"bench-{uuid.uuid4().hex[:16]}", max_new_tokens=max_new_tokens,
                                 **options)
-        collector = _Collector()  # the SDK's own accumulation, as ClaspClient.generate uses it
+        collector = Collector()  # the SDK's own accumulation, as ClaspClient.generate uses it
         ttft = None
         t0 = time.perf_counter()
         for message in client.stream(request, timeout_s=REQUEST_TIMEOUT_S):
@@ -448,13 +449,13 @@ def render_markdown(summary: dict) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for name, table in tables.items():
         clasp, dp, ratios = table.get("grpc_clasp", {}), table.get("grpc_clasp_dp", {}), table["ratios"]
-        cells = [name] + [_tokens_per_s_cell(table.get(k)) for k in
+        cells = [name] + [tokens_per_s_cell(table.get(k)) for k in
                           ("grpc_clasp", "grpc_ar", "engine_clasp", "engine_ar")] + [
-            _fmt(ratios["clasp_vs_ar_grpc"], ".2f", "x"), _fmt(ratios["grpc_vs_engine_clasp"], ".2f", "x"),
-            _fmt(ratios["grpc_vs_engine_ar"], ".2f", "x"),
-            f"{_fmt(clasp.get('mean_accepted_length'), '.2f')} / {_fmt(dp.get('mean_accepted_length'), '.2f')}",
-            f"{_fmt(clasp.get('mean_skipped_layers'), '.1f')} / {_fmt(dp.get('mean_skipped_layers'), '.1f')}",
-            _fmt(clasp.get("ttft_ms"), ".0f"), _fmt(dp.get("plan_versions"), "d")]
+            fmt(ratios["clasp_vs_ar_grpc"], ".2f", "x"), fmt(ratios["grpc_vs_engine_clasp"], ".2f", "x"),
+            fmt(ratios["grpc_vs_engine_ar"], ".2f", "x"),
+            f"{fmt(clasp.get('mean_accepted_length'), '.2f')} / {fmt(dp.get('mean_accepted_length'), '.2f')}",
+            f"{fmt(clasp.get('mean_skipped_layers'), '.1f')} / {fmt(dp.get('mean_skipped_layers'), '.1f')}",
+            fmt(clasp.get("ttft_ms"), ".0f"), fmt(dp.get("plan_versions"), "d")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", _notes(summary)]
     return "\n".join(lines) + "\n"
@@ -471,10 +472,10 @@ def _notes(summary: dict) -> str:
     dp = overall.get("grpc_clasp_dp")
     if dp and dp.get("tokens_per_s"):
         notes.append(f"grpc_clasp_dp (M={DP_SKIP_LAYERS} with adaptive M, DP via the planner): {dp['tokens_per_s']:.1f} tok/s, "
-                     f"{_fmt(overall['ratios']['clasp_dp_vs_ar_grpc'], '.2f', 'x')} vs grpc_ar, mean accepted length "
-                     f"{_fmt(dp.get('mean_accepted_length'), '.2f')}, {_fmt(dp.get('plan_versions'), 'd')} plan "
+                     f"{fmt(overall['ratios']['clasp_dp_vs_ar_grpc'], '.2f', 'x')} vs grpc_ar, mean accepted length "
+                     f"{fmt(dp.get('mean_accepted_length'), '.2f')}, {fmt(dp.get('plan_versions'), 'd')} plan "
                      f"versions adopted over {dp['num_questions']} questions; the decoder's time on plan "
-                     f"requests and adoption: {_fmt(dp.get('plan_io_share'), '.3%')} of its decode time")
+                     f"requests and adoption: {fmt(dp.get('plan_io_share'), '.3%')} of its decode time")
     ttft = [f"{m} {overall[m]['ttft_ms']:.0f}" for m in methods if overall[m].get("ttft_ms") is not None]
     if ttft:
         notes.append("mean time to first token, ms (client-side, prefill included): " + ", ".join(ttft))
@@ -482,7 +483,7 @@ def _notes(summary: dict) -> str:
     if engine is not None:
         notes.append(f"in-process engine clasp/ar: {engine:.2f}x")
     cfg, num_skip = meta["server_config"], meta["default_num_skip_layers"]
-    notes.append(f"server defaults: M={_fmt(num_skip, 'd')} of {_fmt(meta['num_layers'], 'd')} layers, "
+    notes.append(f"server defaults: M={fmt(num_skip, 'd')} of {fmt(meta['num_layers'], 'd')} layers, "
                  f"K={cfg['max_draft_length']}, exit threshold {cfg['draft_exit_threshold']}, replan every "
                  f"{cfg['replan_interval']} rounds, draft dtype {cfg['draft_dtype'] or 'shared weights'}; "
                  "a fresh session per gRPC request")
@@ -493,7 +494,7 @@ def _notes(summary: dict) -> str:
     if services:
         problems = services["log_problems"]
         notes.append("service log warnings/errors: " + ", ".join(f"{n} {p['count']}" for n, p in problems.items()))
-        rss = ", ".join(f"{n} {_fmt(v, '.0f')}" for n, v in services["peak_rss_mib"].items())
+        rss = ", ".join(f"{n} {fmt(v, '.0f')}" for n, v in services["peak_rss_mib"].items())
         notes.append(f"peak RSS MiB: driver {meta['peak_rss_mib']:.0f}, {rss}; wall time {meta['wall_seconds']:.0f} s")
     else:
         notes.append(f"peak RSS MiB: driver {meta['peak_rss_mib']:.0f}; wall time {meta['wall_seconds']:.0f} s")

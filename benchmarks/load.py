@@ -34,8 +34,8 @@ if str(REPO) not in sys.path:
 from benchmarks.bench_service import service_stack  # noqa: E402
 from clasp.config import ClaspConfig, SamplingParams  # noqa: E402
 from clasp.engine import Engine  # noqa: E402
-from clasp.plan_exchange import PLAN_REQUEST_STREAM  # noqa: E402
 from clients.sdk import ClaspClient, build_request  # noqa: E402
+from serving.plan_wire import PLAN_REQUEST_STREAM  # noqa: E402
 
 PROMPTS = ["Explain in detail how a steam engine works.", "Name three rivers in Europe.",
            "Write a short poem about the sea.", "What is the capital of France? Answer briefly.",

@@ -138,7 +138,10 @@ def _finish_name(value: int) -> str:
     return pb.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
 
 
-class _Collector:
+class Collector:
+    """Accumulates a Generate stream's messages into one Completion (what generate() returns):
+    add() each message as it arrives, completion() once the final one came."""
+
     def __init__(self) -> None:
         self.text, self.token_ids, self.final = [], [], None
 
@@ -223,7 +226,7 @@ class ClaspClient:
 
     def generate(self, prompt: str | None = None, messages: Sequence[dict] | None = None, *,
                  timeout_s: float | None = None, on_text=None, **options) -> Completion:
-        collector = _Collector()
+        collector = Collector()
         for message in self.stream(build_request(prompt, messages, **options), timeout_s):
             collector.add(message)
             if on_text and message.text:
@@ -284,7 +287,7 @@ class AsyncClaspClient:
 
     async def generate(self, prompt: str | None = None, messages: Sequence[dict] | None = None, *,
                        timeout_s: float | None = None, **options) -> Completion:
-        collector = _Collector()
+        collector = Collector()
         async for message in self.stream(build_request(prompt, messages, **options), timeout_s):
             collector.add(message)
         return collector.completion()

@@ -14,13 +14,14 @@ from clasp.engine import Engine
 from clasp.backends.cpu import single_row_choices
 from clasp_serve.v1 import clasp_pb2
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
-from decoder_service.service_common import (ErrorInterceptor, StopSignal, StoppedBeforeReady,
-                                            add_health_and_reflection, env, listen_address, metrics_address,
-                                            redis_client, run_service, set_serving, torch_executor)
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.plan_bus import PlanBus
-from decoder_service.security import GuardInterceptor, add_port, add_security_flags, auth_from_env
 from decoder_service.server import DecoderServicer
+from serving.env import env
+from serving.redis_client import redis_client
+from serving.security import GuardInterceptor, add_port, add_security_flags, auth_from_env
+from serving.service import (ErrorInterceptor, StopSignal, StoppedBeforeReady, add_health_and_reflection,
+                             listen_address, metrics_address, run_service, set_serving, torch_executor)
 
 SERVICE = clasp_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
 log = structlog.get_logger("decoder")

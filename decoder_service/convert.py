@@ -8,8 +8,8 @@ import uuid
 from clasp.config import ClaspConfig, SamplingParams
 from clasp.decoding import GenerationResult
 from clasp.engine import Engine
-from clasp.plan_exchange import check_id
 from clasp_serve.v1 import clasp_pb2 as pb
+from serving.plan_wire import check_id
 
 MODES = {pb.SPECULATION_MODE_AR: "ar", pb.SPECULATION_MODE_CLASP: "clasp", pb.SPECULATION_MODE_STATIC: "static"}
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
@@ -41,7 +41,7 @@ def _field(name: str, fn):
 
 
 def _check_id(name: str, value: str) -> str:
-    """An optional id: empty, or a valid clasp.plan_exchange id (it names Redis keys)."""
+    """An optional id: empty, or a valid serving.plan_wire id (it names Redis keys)."""
     return check_id(name, value) if value else value
 
 

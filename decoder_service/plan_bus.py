@@ -23,28 +23,11 @@ import time
 import redis
 import structlog
 
-from clasp.plan_exchange import (PLAN_NOTIFY_CHANNEL, PLAN_REQUEST_STREAM, PlanInput, encode_tensor, plan_key)
+from clasp.plan_exchange import PlanInput
 from clasp.planner import LayerPlan
-from clasp_serve.v1 import clasp_pb2 as pb
+from serving.plan_wire import PLAN_NOTIFY_CHANNEL, PLAN_REQUEST_STREAM, decode_plan, encode_plan_request, plan_key
 
 log = structlog.get_logger("decoder.plan_bus")
-
-
-def plan_from_pb(plan: pb.Plan, model: str, num_layers: int) -> LayerPlan:
-    """A stored plan as a LayerPlan, or ValueError if it is not for this model or malformed."""
-    if plan.model != model:
-        raise ValueError(f"plan is for model {plan.model!r}, this decoder serves {model!r}")
-    if plan.num_layers != num_layers:
-        raise ValueError(f"plan has {plan.num_layers} layers, the model has {num_layers}")
-    if not plan.skip_sets or len(plan.scores) != len(plan.skip_sets):
-        raise ValueError("plan has no skip sets or mismatched scores")
-    sets = []
-    for j, s in enumerate(plan.skip_sets):
-        layers = frozenset(s.layers)
-        if len(layers) != j or any(i >= num_layers for i in layers):
-            raise ValueError(f"skip_sets[{j}] = {sorted(layers)} is not {j} distinct layers below {num_layers}")
-        sets.append(layers)
-    return LayerPlan(tuple(sets), tuple(plan.scores), plan.step, plan.plan_seconds)
 
 
 class PlanBus:
@@ -56,7 +39,7 @@ class PlanBus:
         self.stream_maxlen = stream_maxlen
         self.refresh_s = refresh_s
         self.metrics = metrics
-        self._outbox: queue.Queue[bytes] = queue.Queue(maxsize=queue_size)
+        self._outbox: queue.Queue[dict[str, bytes]] = queue.Queue(maxsize=queue_size)  # stream entries
         self.max_plans = max_plans
         # session -> (sequence, version, plan), least recently updated first; bounded. The sequence
         # is this bus's own count of adoptions: what "newer" means to a request.
@@ -88,11 +71,8 @@ class PlanBus:
             return self._plans.get(session_id)
 
     def publish(self, session_id: str, request: PlanInput) -> None:
-        message = pb.PlanRequest(session_id=session_id, model=self.model, step=request.step,
-                                 position=request.position, token_ids=request.token_ids,
-                                 hidden_states=encode_tensor(request.hidden), max_skip=request.max_skip)
         try:
-            self._outbox.put_nowait(message.SerializeToString())
+            self._outbox.put_nowait(encode_plan_request(session_id, self.model, request))
         except queue.Full:
             if self.metrics:
                 self.metrics.plan_requests_dropped.inc()
@@ -137,10 +117,10 @@ class PlanBus:
     def _flush_outbox(self) -> None:
         while True:
             try:
-                payload = self._outbox.get_nowait()
+                fields = self._outbox.get_nowait()
             except queue.Empty:
                 return
-            self.client.xadd(PLAN_REQUEST_STREAM, {"request": payload}, maxlen=self.stream_maxlen, approximate=True)
+            self.client.xadd(PLAN_REQUEST_STREAM, fields, maxlen=self.stream_maxlen, approximate=True)
             if self.metrics:
                 self.metrics.plan_requests_published.inc()
 
@@ -161,11 +141,8 @@ class PlanBus:
             while len(self._digests) > self.max_plans:
                 self._digests.popitem(last=False)
             try:
-                plan = pb.Plan.FromString(raw)
-                if plan.session_id != session_id:
-                    raise ValueError(f"plan is for session {plan.session_id!r}")
-                layer_plan = plan_from_pb(plan, self.model, self.num_layers)
-            except Exception as e:  # malformed bytes or an untrustworthy plan: never applied
+                stored = decode_plan(raw, session_id, self.model, self.num_layers)
+            except Exception as e:  # malformed bytes or an untrustworthy plan (ValueError): never applied
                 log.warning("rejected plan", session_id=session_id, error=str(e)[:200])
                 if self.metrics:
                     self.metrics.plans_rejected.inc()
@@ -173,11 +150,11 @@ class PlanBus:
             with self._lock:
                 self._sequence += 1
                 self._plans.pop(session_id, None)
-                self._plans[session_id] = (self._sequence, plan.version, layer_plan)
+                self._plans[session_id] = (self._sequence, stored.version, stored.plan)
                 while len(self._plans) > self.max_plans:
                     self._plans.popitem(last=False)
             if self.metrics:
-                self.metrics.plan_age_s.observe(max(time.time() - plan.created_at, 0.0) if plan.created_at else 0.0)
+                self.metrics.plan_age_s.observe(max(time.time() - stored.created_at, 0.0) if stored.created_at else 0.0)
 
 
 class SessionExchange:

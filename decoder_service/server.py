@@ -21,7 +21,7 @@ from decoder_service.convert import chunk_to_pb, final_to_pb, request_from_pb
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.model_info import model_info
 from decoder_service.plan_bus import PlanBus, SessionExchange
-from decoder_service.security import BearerAuth, caller_identity
+from serving.security import BearerAuth, caller_identity
 
 log = structlog.get_logger("decoder")
 
@@ -52,7 +52,7 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         self.slot_tokens = slot_tokens
         self.slots = asyncio.Semaphore(max_concurrent)  # permits = decoding slots in the batch
         # The process's one torch thread (it also loaded and warmed the model): every admitted
-        # stream decodes in one batch on it (BatchLoop). See service_common.torch_executor.
+        # stream decodes in one batch on it (BatchLoop). See serving.service.torch_executor.
         self.executor = executor
         self.batch: BatchLoop | None = None
         self.waiting = 0

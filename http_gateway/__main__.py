@@ -12,8 +12,9 @@ import urllib.request
 import structlog
 import uvicorn
 
-from decoder_service.service_common import configure_logging, env
 from http_gateway.app import Settings, create_app
+from serving.env import env
+from serving.service import configure_logging
 
 log = structlog.get_logger("http")
 

@@ -13,14 +13,16 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from clasp.config import PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig
 from clasp.engine import Engine
-from clasp.plan_exchange import SessionContexts, plan_key
 from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
-from decoder_service.service_common import (ErrorInterceptor, StopSignal, StoppedBeforeReady,
-                                            add_health_and_reflection, env, listen_address, metrics_address,
-                                            redis_client, run_service, set_serving, torch_executor)
-from decoder_service.security import GuardInterceptor, add_port, add_security_flags, auth_from_env
+from planner_service.contexts import SessionContexts
 from planner_service.worker import PlannerMetrics, PlannerWorker
+from serving.env import env
+from serving.plan_wire import parse_plan, plan_key
+from serving.redis_client import redis_client
+from serving.security import GuardInterceptor, add_port, add_security_flags, auth_from_env
+from serving.service import (ErrorInterceptor, StopSignal, StoppedBeforeReady, add_health_and_reflection,
+                             listen_address, metrics_address, run_service, set_serving, torch_executor)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Planner"].full_name
 log = structlog.get_logger("planner")
@@ -36,7 +38,7 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         raw = await asyncio.to_thread(self.client.get, plan_key(request.session_id))
         if raw is None:
             raise LookupError(f"session_id: no plan for session {request.session_id!r}")
-        return pb.Plan.FromString(raw)
+        return parse_plan(raw)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,10 +15,9 @@ import redis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from clasp.plan_exchange import (PLAN_NOTIFY_CHANNEL, PLAN_REQUEST_STREAM, PLANNER_GROUP, PlanInput,
-                                 SessionContexts, check_id, decode_tensor, plan_key, plan_version_key)
-from clasp.planner import LayerPlan
-from clasp_serve.v1 import clasp_pb2 as pb
+from planner_service.contexts import SessionContexts
+from serving.plan_wire import (PLAN_NOTIFY_CHANNEL, PLAN_REQUEST_STREAM, PLANNER_GROUP, PlanRequestEntry,
+                               decode_plan_request, encode_plan, plan_key, plan_version_key)
 
 log = structlog.get_logger("planner")
 
@@ -32,18 +31,6 @@ class PlannerMetrics:
                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2), registry=registry)
         self.sessions = Gauge("clasp_planner_sessions", "Session contexts held", registry=registry)
         self.redis_up = Gauge("clasp_planner_redis_up", "1 when Redis works", registry=registry)
-
-
-def plan_to_pb(plan: LayerPlan, session_id: str, version: int, model: str, num_layers: int,
-               seconds: float) -> pb.Plan:
-    return pb.Plan(session_id=session_id, version=version, model=model, num_layers=num_layers,
-                   skip_sets=[pb.SkipSet(layers=sorted(s)) for s in plan.skip_sets], scores=plan.scores,
-                   step=plan.step, plan_seconds=seconds, created_at=time.time())
-
-
-def request_from_pb(message: pb.PlanRequest) -> PlanInput:
-    return PlanInput(step=message.step, hidden=decode_tensor(message.hidden_states), position=message.position,
-                     token_ids=list(message.token_ids), max_skip=message.max_skip)
 
 
 class PlannerWorker:
@@ -68,7 +55,7 @@ class PlannerWorker:
 
     def start(self, executor: concurrent.futures.Executor) -> None:
         """Run the loop on `executor`: pass the one-thread executor that loaded the model, so
-        all torch work of the process stays on one thread (one OpenMP team; see service_common)."""
+        all torch work of the process stays on one thread (one OpenMP team; see serving.service)."""
         self._done = executor.submit(self._run)
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -131,26 +118,25 @@ class PlannerWorker:
         """Plan each session's newest request, then acknowledge the whole batch, whatever happened:
         a request that fails is rejected once, never re-delivered (a poison pill used to be claimed
         again every claim_idle_s, forever), and never keeps the batch's other requests from planning."""
-        newest: dict[str, tuple[pb.PlanRequest, bytes]] = {}
+        newest: dict[str, tuple[PlanRequestEntry, bytes]] = {}
         done = [entry_id for entry_id, _ in entries]
         try:
             for entry_id, fields in entries:
                 try:
-                    message = pb.PlanRequest.FromString(fields[b"request"])
-                    check_id("session_id", message.session_id)
-                except Exception as e:
+                    entry = decode_plan_request(fields)
+                except Exception as e:  # ValueError naming the field; anything else is a bug, still rejected once
                     self.metrics.rejected.inc()
                     log.warning("malformed plan request", entry=entry_id, error=str(e)[:200])
                     continue
-                if message.session_id in newest:
+                if entry.session_id in newest:
                     self.metrics.superseded.inc()
-                newest[message.session_id] = (message, entry_id)
-            for session_id, (message, entry_id) in newest.items():
+                newest[entry.session_id] = (entry, entry_id)
+            for session_id, (entry, entry_id) in newest.items():
                 if self._stop.is_set():  # stopping: leave it unacknowledged for another planner
                     done.remove(entry_id)
                     continue
                 try:
-                    self._plan_one(session_id, message)
+                    self._plan_one(entry)
                 except (redis.RedisError, OSError):
                     raise  # Redis down: the acknowledgement fails too, and the batch is claimed again later
                 except Exception as e:  # a bad request must not end in an unacknowledged batch
@@ -164,15 +150,16 @@ class PlannerWorker:
                 except (redis.RedisError, OSError):
                     pass  # re-delivered after claim_idle_s; planning again is harmless
 
-    def _plan_one(self, session_id: str, message: pb.PlanRequest) -> None:
-        log_ = log.bind(session_id=session_id, step=message.step)
-        if message.model != self.model:
+    def _plan_one(self, entry: PlanRequestEntry) -> None:
+        session_id = entry.session_id
+        log_ = log.bind(session_id=session_id, step=entry.request.step)
+        if entry.model != self.model:
             self.metrics.rejected.inc()
-            log_.warning("plan request for another model", model=message.model, expected=self.model)
+            log_.warning("plan request for another model", model=entry.model, expected=self.model)
             return
         started = time.perf_counter()
         try:
-            plan = self.contexts.plan(session_id, request_from_pb(message))
+            plan = self.contexts.plan(session_id, entry.request)
         except ValueError as e:
             self.metrics.rejected.inc()
             log_.warning("bad plan request", error=str(e))
@@ -182,8 +169,8 @@ class PlannerWorker:
         self.metrics.sessions.set(len(self.contexts))
         version = self.client.incr(plan_version_key(session_id))
         self.client.expire(plan_version_key(session_id), self.plan_ttl_s)
-        stored = plan_to_pb(plan, session_id, version, self.model, self.num_layers, seconds)
-        self.client.set(plan_key(session_id), stored.SerializeToString(), ex=self.plan_ttl_s)
+        stored = encode_plan(plan, session_id, version, self.model, self.num_layers, seconds)
+        self.client.set(plan_key(session_id), stored, ex=self.plan_ttl_s)
         self.client.publish(PLAN_NOTIFY_CHANNEL, session_id)
         self.metrics.plans.inc()
         log_.info("plan written", version=version, seconds=round(seconds, 4),

@@ -11,10 +11,10 @@ import grpc
 import pytest
 import redis
 
-from clasp.plan_exchange import PLAN_REQUEST_STREAM, PLANNER_GROUP, plan_key
 from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
 from clients.sdk import ClaspClient, build_request
+from serving.plan_wire import PLAN_REQUEST_STREAM, PLANNER_GROUP, plan_key
 from test_services import DP, PASSWORD, PROMPT, Redis, Service, ar_reference, free_port, wait_for
 
 FAST_CLAIM = ["--claim-idle-s", "2", "--prune-idle-s", "3"]

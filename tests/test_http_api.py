@@ -17,10 +17,10 @@ import grpc
 import openai
 import pytest
 
-from clasp.plan_exchange import plan_key
 from clients.sdk import AsyncClaspClient, ClaspClient
 from http_gateway import app as gateway_app
 from http_gateway.app import grpc_error
+from serving.plan_wire import plan_key
 from test_services import REPO, free_port, metric, stack, wait_for  # noqa: F401  (stack: the module's services)
 
 MODEL = "SmolLM2-135M-Instruct"

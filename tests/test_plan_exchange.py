@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from clasp.config import ClaspConfig, SamplingParams
-from clasp.plan_exchange import LocalPlanner, PlanInput, SessionContexts, decode_tensor, encode_tensor
+from clasp.plan_exchange import LocalPlanner, PlanInput
 from clasp.planner import plan_layers
+from planner_service.contexts import SessionContexts
+from serving.plan_wire import decode_tensor, encode_tensor
 
 PROMPT = "Describe the water cycle in four sentences."
 

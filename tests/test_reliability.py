@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from clasp.config import MAX_DRAFT_LENGTH, ClaspConfig, SamplingParams
-from clasp.plan_exchange import (PLAN_REQUEST_STREAM, PLANNER_GROUP, SessionContexts, check_id, encode_tensor,
-                                 plan_key)
 from clasp_serve.v1 import clasp_pb2 as pb
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.plan_bus import PlanBus
-from decoder_service.security import REDIS_USER
+from planner_service.contexts import SessionContexts
 from planner_service.worker import PlannerMetrics, PlannerWorker
+from serving.plan_wire import PLAN_REQUEST_STREAM, PLANNER_GROUP, check_id, encode_tensor, plan_key
+from serving.security import REDIS_USER
 from test_services import PASSWORD, Redis, wait_for
 
 MODEL = "SmolLM2-135M-Instruct:30x576:49152"
@@ -216,7 +216,7 @@ def test_a_bad_plan_is_rejected_once(store):
 
 
 def test_the_committed_dev_password_is_refused(monkeypatch, tmp_path):
-    from decoder_service.service_common import redis_client
+    from serving.redis_client import redis_client
 
     secret = tmp_path / "password"
     secret.write_text("dev-only-insecure-redis-password-change-me\n")  # deploy/base/redis-password.env's

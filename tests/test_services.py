@@ -16,11 +16,11 @@ import pytest
 import redis
 
 from clasp.config import ClaspConfig, SamplingParams
-from clasp.plan_exchange import PLAN_REQUEST_STREAM, PLANNER_GROUP, plan_key
 from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
 from clients.sdk import AsyncClaspClient, ClaspClient, build_request
-from decoder_service.security import REDIS_USER, redis_acl_rules
+from serving.plan_wire import PLAN_REQUEST_STREAM, PLANNER_GROUP, plan_key
+from serving.security import REDIS_USER, redis_acl_rules
 
 REPO = Path(__file__).resolve().parents[1]
 REDIS_SERVER = Path(sys.executable).parent / "redis-server"

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from decoder_service.service_common import listen_address, metrics_address
+from serving.service import listen_address, metrics_address
 from test_services import REPO, free_port, wait_for
 
 

@@ -1,4 +1,5 @@
-"""What guards both services' gRPC servers: optional bearer tokens, and requests that do not parse.
+"""What guards both services: optional bearer tokens and TLS on gRPC, requests that do not parse, and
+the Redis ACL user they log in as.
 
 Tokens come from a file (`--auth-token-file`, one `identity:token` or bare `token` per line) or the
 CLASP_AUTH_TOKEN environment variable, never from a command line, and are never logged. Every
@@ -145,7 +146,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
 
 def add_security_flags(parser, env) -> None:
-    """The flags both services take for this module (env: service_common.env)."""
+    """The flags both services take for this module (env: serving.env.env)."""
     parser.add_argument("--auth-token-file", default=env("AUTH_TOKEN_FILE") or None,
                         help="require 'authorization: Bearer <token>' on every RPC but health; the file holds one "
                              "'identity:token' per line (the token itself may also come from CLASP_AUTH_TOKEN) "
@@ -187,7 +188,7 @@ def caller_identity(auth: BearerAuth | None, context) -> str | None:
 
 
 # The Redis ACL user the services log in as: the commands they send and the keys and channels
-# they use (clasp.plan_exchange names them), nothing else; FLUSHALL, KEYS, CONFIG, EVAL, DEL and
+# they use (serving.plan_wire names them), nothing else; FLUSHALL, KEYS, CONFIG, EVAL, DEL and
 # keys outside clasp:* are NOPERM. redis-py's INCR sends INCRBY.
 REDIS_USER = "clasp"
 REDIS_COMMANDS = ("ping", "get", "set", "mget", "incr", "incrby", "expire", "publish", "subscribe", "unsubscribe",
@@ -207,17 +208,9 @@ def redis_acl_config(password: str) -> str:
     return f"user default off\nuser {REDIS_USER} {' '.join(redis_acl_rules(password))}\n"
 
 
-def secret_from_env(name: str) -> str | None:
-    """CLASP_<name>_FILE's contents (stripped), else CLASP_<name>: Secrets mount as files."""
-    path = os.environ.get(f"CLASP_{name}_FILE")
-    if path:
-        return Path(path).read_text().strip()
-    return os.environ.get(f"CLASP_{name}") or None
-
-
-if __name__ == "__main__":  # python -m decoder_service.security redis-conf PASSWORD_FILE (used by make start)
+if __name__ == "__main__":  # python -m serving.security redis-conf PASSWORD_FILE (make start, deploy)
     import sys
 
     if sys.argv[1:2] != ["redis-conf"] or len(sys.argv) != 3:
-        sys.exit("usage: python -m decoder_service.security redis-conf PASSWORD_FILE")
+        sys.exit("usage: python -m serving.security redis-conf PASSWORD_FILE")
     sys.stdout.write(redis_acl_config(Path(sys.argv[2]).read_text().strip()))
