@@ -7,6 +7,10 @@ import math
 from typing import Sequence
 
 MODES = ("ar", "clasp", "static")
+# The ClaspConfig fields a request may set (the proto's Speculation message has exactly these; every
+# other field is fixed when the server starts, and draft_dtype when the model is loaded).
+REQUEST_FIELDS = ("mode", "replan_interval", "num_skip_layers", "max_draft_length", "adaptive", "ngram_size",
+                  "adaptive_skip")
 # The draft's weight copy. auto: int8 on CPU (on the dev CPU an int8 draft token costs ~12 ms
 # against ~16 ms in fp16, for 95.6% acceptance against 97.5%; float16 where this torch build has
 # no int8 kernel), float16 elsewhere; a float copy is made only when smaller than the model's

@@ -19,7 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
 
-MODES = {"ar": pb.SPECULATION_MODE_AR, "clasp": pb.SPECULATION_MODE_CLASP, "static": pb.SPECULATION_MODE_STATIC}
+MODES = {v.name.removeprefix("SPECULATION_MODE_").lower(): v.number  # mode names as the proto spells them
+         for v in pb.SpeculationMode.DESCRIPTOR.values if v.number}
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 

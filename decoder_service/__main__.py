@@ -9,7 +9,8 @@ import grpc
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from clasp.config import DRAFT_DTYPE_CHOICES, DRAFT_KERNEL_HELP, DRAFT_KERNELS, FUSED_DRAFT, FUSED_DRAFT_HELP, PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig
+from clasp.config import (DRAFT_DTYPE_CHOICES, DRAFT_KERNEL_HELP, DRAFT_KERNELS, FUSED_DRAFT, FUSED_DRAFT_HELP, MODES,
+                          PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig)
 from clasp.engine import Engine
 from clasp.backends.cpu import single_row_choices
 from clasp_serve.v1 import clasp_pb2
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, time in-flight streams get to finish [CLASP_GRACE_PERIOD_S]")
     p.add_argument("--max-new-tokens", type=int, default=int(env("MAX_NEW_TOKENS", 256)),
                    help="default when a request sets none [CLASP_MAX_NEW_TOKENS]")
-    p.add_argument("--mode", default=env("MODE", d.mode), choices=["ar", "clasp", "static"], help="default mode [CLASP_MODE]")
+    p.add_argument("--mode", default=env("MODE", d.mode), choices=MODES, help="default mode [CLASP_MODE]")
     p.add_argument("--num-skip-layers", type=int, default=env("NUM_SKIP_LAYERS"), help="default M [CLASP_NUM_SKIP_LAYERS]")
     p.add_argument("--replan-interval", type=int, default=int(env("REPLAN_INTERVAL", d.replan_interval)),
                    help="default LOI [CLASP_REPLAN_INTERVAL]")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
-from clasp.config import ClaspConfig, SamplingParams
+from clasp.config import REQUEST_FIELDS, ClaspConfig, SamplingParams
 from clasp.decoding import GenerationResult
 from clasp.engine import Engine
 from clasp_serve.v1 import clasp_pb2 as pb
 from serving.plan_wire import check_id
 
-MODES = {pb.SPECULATION_MODE_AR: "ar", pb.SPECULATION_MODE_CLASP: "clasp", pb.SPECULATION_MODE_STATIC: "static"}
+# proto enum value -> clasp.config mode name (tests/test_deploy.py checks they are the same set).
+MODES = {v.number: v.name.removeprefix("SPECULATION_MODE_").lower() for v in pb.SpeculationMode.DESCRIPTOR.values
+         if v.number}
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
           "stop_string": pb.FINISH_REASON_STOP_STRING, "cancelled": pb.FINISH_REASON_CANCELLED,
           "aborted": pb.FINISH_REASON_ABORTED}
@@ -85,7 +87,7 @@ def request_from_pb(req: pb.GenerateRequest, engine: Engine, defaults: ClaspConf
         if spec.mode not in MODES:
             raise ValueError(f"speculation.mode: unknown value {spec.mode}")
         overrides["mode"] = MODES[spec.mode]
-    for name in ("replan_interval", "num_skip_layers", "max_draft_length", "adaptive", "adaptive_skip", "ngram_size"):
+    for name in REQUEST_FIELDS[1:]:  # mode is an enum, above
         if spec.HasField(name):
             overrides[name] = getattr(spec, name)
     config = _field("speculation", lambda: dataclasses.replace(defaults, **overrides))

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from clasp_serve.v1 import clasp_pb2 as pb
 
-MODES = {"ar": pb.SPECULATION_MODE_AR, "clasp": pb.SPECULATION_MODE_CLASP, "static": pb.SPECULATION_MODE_STATIC}
+MODES = {v.name.removeprefix("SPECULATION_MODE_").lower(): v.number  # mode names as the proto spells them
+         for v in pb.SpeculationMode.DESCRIPTOR.values if v.number}
 MAX_STOP = 16  # OpenAI allows 4; the decoder has no limit of its own, this bounds the hold-back
 # OpenAI's finish reasons: an end-of-sequence token and a stop string are both "stop".
 FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_STOP_STRING: "stop", pb.FINISH_REASON_LENGTH: "length"}
@@ -35,7 +36,7 @@ def _only(value, allowed: tuple, what: str):
 class Speculation(_Strict):
     """Extension: the decoder's speculation settings for this request (unset: the server's)."""
 
-    mode: Literal["ar", "clasp", "static"] | None = None
+    mode: Literal[tuple(MODES)] | None = None  # type: ignore[valid-type]
     replan_interval: int | None = Field(None, ge=1, lt=2**32)
     num_skip_layers: int | None = Field(None, ge=0, lt=2**32)
     max_draft_length: int | None = Field(None, ge=1, lt=2**32)
@@ -115,8 +116,9 @@ class _Generation(_Strict):
             spec = self.speculation
             if spec.mode is not None:
                 req.speculation.mode = MODES[spec.mode]
-            for name in ("replan_interval", "num_skip_layers", "max_draft_length", "adaptive", "adaptive_skip",
-                         "ngram_size"):
+            for name in type(spec).model_fields:
+                if name == "mode":
+                    continue
                 value = getattr(spec, name)
                 if value is not None:
                     setattr(req.speculation, name, value)
