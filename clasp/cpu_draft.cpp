@@ -224,16 +224,40 @@ void gemv(const Int8Matrix& m, const QuantizedRow& x, float* y) {
   });
 }
 
+// y[T, N] for T quantized rows: each 16-row block of W is read from memory once and used for every
+// row while it is in cache (a batch's draft tokens share one pass over the weights).
+void gemv_rows(const Int8Matrix& m, const std::vector<QuantizedRow>& xs, float* y) {
+  for (const QuantizedRow& x : xs)
+    TORCH_CHECK(static_cast<int64_t>(x.data.size()) >= m.k_pad, "int8 product: input width ", x.data.size(),
+                " < matrix width ", m.k_pad);
+  const int64_t rows = static_cast<int64_t>(xs.size());
+  at::parallel_for(0, m.blocked.size(0), 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t t = 0; t < rows; ++t) {
+        switch (m.isa) {
+          case ISA_AVX512_VNNI:
+            gemv_blocks_vnni(m, xs[t], b, b + 1, y + t * m.n);
+            break;
+          case ISA_AVX2:
+            gemv_blocks_avx2(m, xs[t], b, b + 1, y + t * m.n);
+            break;
+          default:
+            gemv_blocks_generic(m, xs[t], b, b + 1, y + t * m.n);
+        }
+      }
+    }
+  });
+}
+
 torch::Tensor Int8Matrix::forward(const torch::Tensor& x) const {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
               "int8 product: expected float32 CPU input [T, ", k, "]");
   const torch::Tensor xc = x.contiguous();
-  auto out = torch::empty({x.size(0), n}, torch::kFloat32);
-  QuantizedRow xq;
-  for (int64_t t = 0; t < x.size(0); ++t) {  // activations are quantized per row, as in the draft
-    quantize(xc.data_ptr<float>() + t * k, k, xq);
-    gemv(*this, xq, out.data_ptr<float>() + t * n);
-  }
+  const int64_t rows = x.size(0);
+  auto out = torch::empty({rows, n}, torch::kFloat32);
+  std::vector<QuantizedRow> xq(rows);
+  for (int64_t t = 0; t < rows; ++t) quantize(xc.data_ptr<float>() + t * k, k, xq[t]);  // per row, as in the draft
+  gemv_rows(*this, xq, out.data_ptr<float>());
   return out;
 }
 

@@ -153,6 +153,10 @@ class ModelRunner:
         self.packed_min_rows = PackedWeight.MIN_ROWS  # rows from which multi_row_weights is used (calibrated)
         self.fused_draft = None  # clasp.cpu_draft.FusedDraft: one C++ call per draft token (enable_fused_draft)
         self.backend = None  # the clasp.backends backend that prepared these weights (None: plain, as loaded)
+        # Up to this many requests draft through the fused draft one call each; more share torch ops
+        # over the same int8 copy, whose products read the weights once for all rows (the CPU backend
+        # measures where that starts to pay).
+        self.fused_draft_max_rows = 1
         self.rotary = rotary  # the model's own rotary module: handles every rope scaling type
         self.device = device
         self.dtype = dtype
@@ -313,7 +317,7 @@ class ModelRunner:
         for slot, position in zip(slots, positions):
             if position >= cache.max_length:
                 raise ValueError(f"KV cache overflow: position {position + 1} > capacity {cache.max_length}")
-        if self.fused_draft is None:
+        if self.fused_draft is None or len(token_ids) > self.fused_draft_max_rows:
             segments = [Segment(s, p, torch.tensor([t], device=self.device), k)
                         for t, s, p, k in zip(token_ids, slots, positions, skip_sets)]
             return self.forward_batch(segments, cache, draft=True)

@@ -50,6 +50,38 @@ def test_batched_draft_with_different_skip_sets(engine):
         torch.testing.assert_close(got[i:i + 1], runner.forward(t[-1:], alone, len(t) - 1, k), rtol=1e-4, atol=1e-4)
 
 
+def test_batched_draft_step_equals_each_request_alone(engine):
+    """Several requests' draft tokens through torch ops over the int8 copy (weights read once for all
+    rows) equal each request's own torch-op draft, skip sets and all; the fused one-call draft, which
+    normalizes in double precision before quantizing activations, may round an activation the other
+    way, so against it only the proposed tokens are compared."""
+    runner = engine.runner
+    if runner.fused_draft is None:
+        pytest.skip("no fused CPU draft on this machine")
+    ids = [torch.tensor(engine.encode(p)) for p in PROMPTS[:4]]
+    skips = [frozenset(), frozenset({4, 9}), frozenset(), frozenset({2})]
+    saved = runner.fused_draft_max_rows
+    outputs = {}
+    try:
+        for max_rows in (1, 64):  # 1: batched torch ops from two requests on; 64: one fused call each
+            runner.fused_draft_max_rows = max_rows
+            cache = runner.new_cache(128, num_slots=4)
+            for slot, t in enumerate(ids):
+                runner.forward(t[:-1], cache, 0, slot=slot)
+            outputs[max_rows] = runner.draft_step([int(t[-1]) for t in ids], [0, 1, 2, 3], [len(t) - 1 for t in ids],
+                                                  skips, cache)
+            assert cache.lengths == [len(t) for t in ids]
+    finally:
+        runner.fused_draft_max_rows = saved
+    for i, (t, k) in enumerate(zip(ids, skips)):
+        alone = runner.new_cache(128)
+        runner.forward(t[:-1], alone, 0)
+        expected = runner.forward_batch([Segment(0, len(t) - 1, t[-1:], k)], alone, draft=True)
+        torch.testing.assert_close(outputs[1][i:i + 1], expected, rtol=1e-5, atol=1e-5)
+    agree = (outputs[1].argmax(-1) == outputs[64].argmax(-1)).sum()
+    assert agree >= 3, f"batched and fused drafts proposed different tokens for {4 - int(agree)} of 4 requests"
+
+
 @pytest.mark.parametrize("mode", ["ar", "clasp"])
 def test_streams_joining_and_leaving_equal_their_solo_output(engine, mode):
     """Five greedy requests of different lengths; two join after the others have started and the

@@ -99,6 +99,45 @@ def calibrate_packed_rows(plain: Weights, packed: Weights, repeats: int = 5) -> 
     return min_rows
 
 
+def calibrate_fused_draft_rows(runner: ModelRunner, ids: torch.Tensor, batch_sizes=(2, 4, 8),
+                               repeats: int = 5) -> int:
+    """The largest batch for which B one-token fused draft calls beat one batched torch-op draft over
+    the same int8 matrices (which read the weights once for all B rows): 1 where batching wins from 2.
+    Timed alternately on B slots holding the calibration text, median of `repeats` paired ratios;
+    batching must be 10% faster to take over (the fused call is the tuned single-stream path)."""
+    from clasp.model_runner import Segment
+
+    position = ids.shape[0] - 1
+    largest = 1
+    with torch.inference_mode():
+        for b in batch_sizes:
+            cache = runner.new_cache(ids.shape[0], num_slots=b)
+            for slot in range(b):
+                runner.forward(ids[:position], cache, 0, slot=slot)
+            token = int(ids[position])
+
+            def fused() -> float:
+                t0 = time.perf_counter()
+                for slot in range(b):
+                    runner.fused_draft.forward(token, cache.slot_view(slot), position, frozenset(), runner._rope_cos,
+                                               runner._rope_sin)
+                return time.perf_counter() - t0
+
+            def batched() -> float:
+                t0 = time.perf_counter()
+                runner.forward_batch([Segment(slot, position, ids[position:position + 1]) for slot in range(b)],
+                                     cache, draft=True)
+                return time.perf_counter() - t0
+
+            fused(), batched()  # first-call costs
+            ratios = sorted(batched() / fused() for _ in range(repeats))
+            if ratios[len(ratios) // 2] < 0.9:
+                break
+            largest = b
+    log.info("fused draft: one call per request up to %d requests per step, batched torch ops beyond", largest)
+    return largest
+
+
 def single_row_choices() -> dict[str, bool]:
     """{"OUTxIN": computed as two rows} for every shape calibrated in this process (for logs)."""
     return {f"{o}x{i}": pad for (o, i), pad in sorted(_PAD_SINGLE_ROW.items())}
@@ -189,6 +228,8 @@ class CpuBackend:
                 if isinstance(matrix, DenseMatrix):
                     matrix.pad_single_row = calibrate_single_row(matrix.shape)
         self.draft_kernel = set_up_draft(runner, options)
+        if runner.fused_draft is not None and options.calibration_ids is not None:
+            runner.fused_draft_max_rows = calibrate_fused_draft_rows(runner, options.calibration_ids)
         pack = options.pack_weights
         if pack is None:
             pack = packing_available(runner) and runner.weights.nbytes() <= physical_memory() // 4
