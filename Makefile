@@ -111,8 +111,8 @@ test: setup  ## the test suite (real model, Redis and gRPC; no mocks)
 	$(PY) -m pytest -q tests
 
 FUZZ_EXAMPLES ?= 500
-fuzz: setup  ## hypothesis fuzz, longer: every GenerateRequest field against a real decoder, plan keys, stream entries (FUZZ_EXAMPLES=500)
-	CLASP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_service_hardening.py tests/test_reliability.py \
+fuzz: setup  ## hypothesis fuzz, longer: every GenerateRequest field against a real decoder, GetPlan against a real planner, plan keys, stream entries (FUZZ_EXAMPLES=500)
+	CLASP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_service_hardening.py tests/test_planner_rpc.py tests/test_reliability.py \
 	  -k "fuzz or still_serving" --hypothesis-show-statistics
 
 LOAD_ARGS ?=

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="streams waiting for a slot before RESOURCE_EXHAUSTED [CLASP_MAX_QUEUE]")
     p.add_argument("--grace-period-s", type=float, default=float(env("GRACE_PERIOD_S", 20)),
                    help="on SIGTERM, time in-flight streams get to finish [CLASP_GRACE_PERIOD_S]")
+    p.add_argument("--max-write-stall-s", type=float, default=float(env("MAX_WRITE_STALL_S", 60)),
+                   help="cancel a stream whose client has not taken its last message for this long (it holds a "
+                        "decoding slot meanwhile); 0: never [CLASP_MAX_WRITE_STALL_S]")
     p.add_argument("--max-new-tokens", type=int, default=int(env("MAX_NEW_TOKENS", 256)),
                    help="default when a request sets none [CLASP_MAX_NEW_TOKENS]")
     p.add_argument("--mode", default=env("MODE", d.mode), choices=MODES, help="default mode [CLASP_MODE]")
@@ -93,7 +96,7 @@ async def serve(args: argparse.Namespace) -> None:
     health = add_health_and_reflection(server, [SERVICE], args.reflection)
     torch_thread = torch_executor()
     servicer = DecoderServicer(metrics, args.max_concurrent, args.max_queue, args.max_new_tokens, torch_thread,
-                               args.max_prompt_tokens, auth, args.slot_tokens)
+                               args.max_prompt_tokens, auth, args.slot_tokens, args.max_write_stall_s)
     pb_grpc.add_DecoderServicer_to_server(servicer, server)
     await set_serving(health, [SERVICE], False)
     bound = add_port(server, listen_address(args.host, args.port), args)  # TLS with --tls-cert-file

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
+from clasp.chat import chat_prompt_ids
 from clasp.config import REQUEST_FIELDS, ClaspConfig, SamplingParams
 from clasp.decoding import GenerationResult
 from clasp.engine import Engine
@@ -62,7 +63,11 @@ def request_from_pb(req: pb.GenerateRequest, engine: Engine, defaults: ClaspConf
     if which == "prompt":
         if len(req.prompt) > max_chars:
             raise ValueError(f"prompt: {len(req.prompt)} characters, at most {max_chars}")
-        prompt_ids = _field("prompt", lambda: engine.encode(req.prompt, chat=not req.raw_prompt))
+        # Through the chat template, the prompt is the user's content: template markup in it is
+        # text (clasp.chat). raw_prompt text is the client's own, special tokens included.
+        chat = not req.raw_prompt and bool(engine.tokenizer.chat_template) and bool(req.prompt.strip())
+        prompt_ids = _field("prompt", lambda: chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": req.prompt}])
+                            if chat else engine.encode(req.prompt, chat=not req.raw_prompt))
     else:
         if len(req.chat.messages) > MAX_CHAT_MESSAGES:
             raise ValueError(f"chat.messages: {len(req.chat.messages)} messages, at most {MAX_CHAT_MESSAGES}")
@@ -72,7 +77,7 @@ def request_from_pb(req: pb.GenerateRequest, engine: Engine, defaults: ClaspConf
                 raise ValueError(f"chat.messages[{i}].role: must be one of {', '.join(ROLES)}")
         if sum(len(m["content"]) for m in messages) > max_chars:
             raise ValueError(f"chat.messages: more than {max_chars} characters of content")
-        prompt_ids = _field("chat.messages", lambda: engine.encode(messages=messages))
+        prompt_ids = _field("chat.messages", lambda: chat_prompt_ids(engine.tokenizer, messages))
     s = req.sampling
     params = _field("sampling", lambda: SamplingParams(
         max_new_tokens=req.max_new_tokens or default_max_new_tokens,

@@ -36,6 +36,12 @@ class DecoderMetrics:
         self.active = Gauge("clasp_active_requests", "Requests decoding now", registry=r)
         self.batch_size = Histogram("clasp_batch_size", "Requests advanced together per engine step",
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
+        self.waiting_on_client = Gauge("clasp_streams_waiting_on_client",
+                                       "Streams whose last message waits for the client to take it (flow control)",
+                                       registry=r)
+        self.write_wait_s = Histogram("clasp_stream_write_wait_seconds",
+                                      "Time a message waited for the client to take it",
+                                      buckets=(0.001, 0.01, 0.1, 1.0, 10.0, 60.0), registry=r)
         self.cancelled_rounds = Counter("clasp_cancelled_requests", "Requests stopped early (cancel, deadline, abort)",
                                         ["reason"], registry=r)
 

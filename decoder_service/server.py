@@ -1,9 +1,20 @@
-"""The Decoder servicer: translate, run the engine a round at a time, translate back."""
+"""The Decoder servicer: translate, run the engine a round at a time, translate back.
+
+A client that reads slowly, or not at all, holds back only its own stream. The batch loop puts
+the stream's chunks in the stream's own queue (at most one per round of its generation, which
+max_new_tokens and the slot bound) and the handler yields them to grpc, which awaits each write:
+once the client's HTTP/2 window is full, flow control stops the writes, while the batch, the
+torch thread and the other streams go on. The stream keeps its slot permit while its messages
+wait, so a message that waits longer than max_write_stall_s cancels the stream: the permit is
+freed (the request leaves the batch at the next round if it is still decoding) and the client
+sees CANCELLED saying why once it reads again (the status queues behind the unread data).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import hmac
 import time
@@ -40,13 +51,14 @@ class DecoderServicer(pb_grpc.DecoderServicer):
     def __init__(self, metrics: DecoderMetrics, max_concurrent: int, max_queue: int,
                  default_max_new_tokens: int, executor: concurrent.futures.Executor,
                  max_prompt_tokens: int | None = None, auth: BearerAuth | None = None,
-                 slot_tokens: int = DEFAULT_SLOT_TOKENS) -> None:
+                 slot_tokens: int = DEFAULT_SLOT_TOKENS, max_write_stall_s: float | None = None) -> None:
         self.engine: Engine | None = None  # set by attach() once loaded; the server starts before
         self.bus: PlanBus | None = None
         self.metrics = metrics
         self.default_max_new_tokens = default_max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.auth = auth
+        self.max_write_stall_s = max_write_stall_s  # None or 0: a stream may wait on its client for ever
         self.max_queue = max_queue
         self.max_concurrent = max_concurrent
         self.slot_tokens = slot_tokens
@@ -60,6 +72,7 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         # request_id -> every admitted request, queued or decoding: an id is in use from
         # admission to the end (a second request with it is refused), and Abort finds both.
         self.requests: dict[str, _Admitted] = {}
+        self._ending: set[asyncio.Future] = set()  # statuses of stalled streams, on their way
 
     def in_flight(self) -> int:
         """Streams decoding or waiting for a slot."""
@@ -184,14 +197,48 @@ class DecoderServicer(pb_grpc.DecoderServicer):
                     yield final_to_pb(req.request_id, None, "aborted", len(req.prompt_ids), 0, [], [])
                     return
                 self.metrics.active.inc()
+                task = asyncio.current_task()
                 try:
                     async for message in self._decode(req, context, entry):
-                        yield message
+                        with self._client_takes(task, context):
+                            yield message
                 finally:
                     self.metrics.active.dec()
                     self.slots.release()
             finally:
                 self.requests.pop(req.request_id, None)
+
+    @contextlib.contextmanager
+    def _client_takes(self, task: asyncio.Task, context):
+        """Around one yield, which returns once grpc has written the message (flow control)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timer = (loop.call_later(self.max_write_stall_s, self._stalled, task, context)
+                 if self.max_write_stall_s else None)
+        self.metrics.waiting_on_client.inc()
+        try:
+            yield
+        finally:
+            self.metrics.waiting_on_client.dec()
+            self.metrics.write_wait_s.observe(loop.time() - started)
+            if timer is not None:
+                timer.cancel()
+
+    def _stalled(self, task: asyncio.Task, context) -> None:
+        # The status queues behind the unread data (the client sees it once it reads again); the
+        # call's task is cancelled now, the same path as a client that went away.
+        self.metrics.cancelled_rounds.labels(reason="write_stall").inc()
+        self.metrics.requests.labels(outcome="write_stall").inc()
+        log.warning("client stopped reading: stream cancelled", max_write_stall_s=self.max_write_stall_s)
+        details = f"stream cancelled: the client took no message for {self.max_write_stall_s:g} s"
+
+        async def end() -> None:
+            with contextlib.suppress(BaseException):
+                await context.abort(grpc.StatusCode.CANCELLED, details)
+
+        self._ending.add(asyncio.ensure_future(end()))
+        self._ending = {t for t in self._ending if not t.done()}
+        task.cancel()
 
     async def _decode(self, req, context, entry: _Admitted):
         session = req.session_id or req.request_id  # an unnamed request still plans through the planner

@@ -7,7 +7,9 @@ seccomp), resources, tagged images, the gRPC probes and metrics annotations of t
 containers, CLASP_HOST binding every interface (the services default to 127.0.0.1, which no probe,
 Service or Prometheus can reach), threads matching the CPU request, a grace period longer than the drain, references
 to generated ConfigMaps/Secrets that resolve, Services that select pods and name real ports, the
-decoder's PodDisruptionBudget, and a GPU per clasp container when CLASP_DEVICE=cuda.
+decoder's PodDisruptionBudget, a GPU per clasp container when CLASP_DEVICE=cuda, and the Redis ACL
+user: Redis started from the config `python -m serving.security redis-conf` writes (no
+--requirepass, which leaves the default user with every command), the services logging in as it.
 Prints one line per problem and exits 1 if there is any.
 """
 
@@ -24,6 +26,8 @@ GRPC_PORTS = {"decoder": 50051, "planner": 50052}
 METRICS_PORTS = {"decoder": 9091, "planner": 9092}
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")
 HTTP_GATEWAY_PORT = 8000  # python -m http_gateway, the OpenAI-compatible API beside the decoder
+REDIS_USER = "clasp"  # serving.security.REDIS_USER (this script imports nothing of the project)
+ACL_WRITER = ["python", "-m", "serving.security", "redis-conf"]
 
 
 def cpu_cores(q: str) -> float:
@@ -69,6 +73,25 @@ def http_gateway_problems(cw: str, c: dict, labels: dict) -> list[str]:
     return problems
 
 
+def redis_acl_problems(where: str, pod: dict) -> list[str]:
+    """Redis runs with the services' ACL user from `serving.security redis-conf`, nothing else."""
+    problems = []
+    redis = next((c for c in pod["containers"] if "redis-server" in c.get("command", [])[:1]), None)
+    if redis is None:
+        return [f"{where}: no container runs redis-server"]
+    argv = redis.get("command", [])[1:] + redis.get("args", [])
+    if any(a.startswith("--requirepass") or a == "requirepass" for a in argv):
+        problems.append(f"{where}: redis uses --requirepass (the default user with every command), "
+                        f"not the ACL user {REDIS_USER}")
+    writers = [c for c in pod.get("initContainers", []) if c.get("command", [])[:4] == ACL_WRITER]
+    if not writers:
+        problems.append(f"{where}: no init container writes the ACL with `{' '.join(ACL_WRITER)}`")
+    elif len(writers[0]["command"]) != 6 or argv[:1] != writers[0]["command"][5:]:
+        problems.append(f"{where}: redis-server's first argument is not the config file "
+                        f"`{' '.join(ACL_WRITER)} PASSWORD_FILE OUT_FILE` writes")
+    return problems
+
+
 def check(docs: list[dict]) -> list[str]:
     problems: list[str] = []
     by_kind: dict[str, dict[str, dict]] = {}
@@ -95,7 +118,10 @@ def check(docs: list[dict]) -> list[str]:
         if pod.get("automountServiceAccountToken") is not False:
             problems.append(f"{where}: automountServiceAccountToken is not false")
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
-        for c in pod["containers"]:
+        if labels.get("app.kubernetes.io/component") == "redis":
+            problems += redis_acl_problems(where, pod)
+        init_names = {c["name"] for c in pod.get("initContainers", [])}
+        for c in pod.get("initContainers", []) + pod["containers"]:
             cw = f"{where}/{c['name']}"
             sc = c.get("securityContext", {})
             if sc.get("allowPrivilegeEscalation") is not False:
@@ -125,7 +151,7 @@ def check(docs: list[dict]) -> list[str]:
                 if ref and ref["name"] not in configmaps:
                     problems.append(f"{cw}: envFrom refers to missing ConfigMap {ref['name']}")
 
-            if image.rsplit("/", 1)[-1].partition(":")[0] != CLASP_IMAGE:
+            if image.rsplit("/", 1)[-1].partition(":")[0] != CLASP_IMAGE or c["name"] in init_names:
                 continue
             if "http_gateway" in c.get("command", []):
                 problems += http_gateway_problems(cw, c, labels)
@@ -144,6 +170,8 @@ def check(docs: list[dict]) -> list[str]:
                 problems.append(f"{cw}: metrics port {ports.get('metrics')} is not {METRICS_PORTS.get(component)}")
             if "CLASP_REDIS_PASSWORD" not in env:
                 problems.append(f"{cw}: CLASP_REDIS_PASSWORD not set")
+            if effective_env(c, configmaps).get("CLASP_REDIS_USERNAME") != REDIS_USER:
+                problems.append(f"{cw}: CLASP_REDIS_USERNAME is not {REDIS_USER!r} (the Redis ACL user)")
             host = effective_env(c, configmaps).get("CLASP_HOST")
             if host not in WILDCARD_HOSTS:
                 problems.append(f"{cw}: CLASP_HOST is {host!r}, not one of {', '.join(WILDCARD_HOSTS)}: "

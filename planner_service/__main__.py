@@ -8,6 +8,7 @@ import os
 import socket
 
 import grpc
+import redis
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -29,16 +30,30 @@ log = structlog.get_logger("planner")
 
 
 class PlannerServicer(pb_grpc.PlannerServicer):
+    """GetPlan: a session's stored plan, for inspection. With tokens it is an admin method (only
+    --admin-identities): plans are the service's internal state, which no user needs (Generate's
+    final message reports its skip set and plan versions), and a session id is not owned by
+    anyone (any caller may name any session), so no per-session rule could be enforced."""
+
     def __init__(self, client) -> None:
         self.client = client
 
     async def GetPlan(self, request: pb.GetPlanRequest, context) -> pb.Plan:
         if not request.session_id:
             raise ValueError("session_id: required")
-        raw = await asyncio.to_thread(self.client.get, plan_key(request.session_id))
+        key = plan_key(request.session_id)  # ValueError naming session_id for an id that is not one
+        try:
+            raw = await asyncio.to_thread(self.client.get, key)
+        except (redis.RedisError, OSError) as e:
+            log.warning("GetPlan: redis unavailable", error=str(e)[:200])
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the plan store (Redis) is unavailable")
         if raw is None:
             raise LookupError(f"session_id: no plan for session {request.session_id!r}")
-        return parse_plan(raw)
+        try:
+            return parse_plan(raw)
+        except ValueError:  # not the caller's fault: a damaged key reads as no plan
+            log.warning("GetPlan: stored plan does not parse", session_id=request.session_id)
+            raise LookupError(f"session_id: no valid plan for session {request.session_id!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-idle-s", type=float, default=float(env("PRUNE_IDLE_S", 120)),
                    help="remove group consumers idle this long with nothing pending (dead planners) "
                         "[CLASP_PRUNE_IDLE_S]")
+    p.add_argument("--admin-identities", default=env("ADMIN_IDENTITIES", "admin"),
+                   help="comma-separated token identities that may call GetPlan when tokens are required "
+                        "[CLASP_ADMIN_IDENTITIES]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[CLASP_LOG_LEVEL]")
     add_security_flags(p, env)
     return p
@@ -85,7 +103,9 @@ async def serve(args: argparse.Namespace) -> None:
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=metrics_address(args.host), registry=registry)
     auth = auth_from_env(args.auth_token_file)  # GetPlan behind the same tokens as the decoder
-    server = grpc.aio.server(interceptors=[GuardInterceptor(auth), ErrorInterceptor()])
+    admins = frozenset(filter(None, (a.strip() for a in args.admin_identities.split(","))))
+    guard = GuardInterceptor(auth, admin_methods=frozenset({f"/{SERVICE}/GetPlan"}), admins=admins)
+    server = grpc.aio.server(interceptors=[guard, ErrorInterceptor()])
     health = add_health_and_reflection(server, [SERVICE], args.reflection)
     client = redis_client(args.redis_url)
     pb_grpc.add_PlannerServicer_to_server(PlannerServicer(client), server)

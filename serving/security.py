@@ -5,7 +5,10 @@ Tokens come from a file (`--auth-token-file`, one `identity:token` or bare `toke
 CLASP_AUTH_TOKEN environment variable, never from a command line, and are never logged. Every
 method but the health checks (which Kubernetes probes call without credentials) then needs
 `authorization: Bearer <token>`; anything else is UNAUTHENTICATED. Tokens are compared in
-constant time (hmac.compare_digest, against every known token).
+constant time (hmac.compare_digest, against every known token). Admin methods (the planner's
+GetPlan) take only the identities named admins; any other valid token is PERMISSION_DENIED.
+Without tokens nothing is authenticated, admin methods included (the NetworkPolicies are then
+what keeps callers out).
 
 A request whose bytes do not parse as its message used to end as UNKNOWN with grpc's internal
 exception text; it is INVALID_ARGUMENT naming the message type.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import sys
 from pathlib import Path
 
 import grpc
@@ -93,25 +97,36 @@ def _message_name(method: str) -> str:
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
-    """Put first in the server's interceptors: authenticates (when auth is set), then turns
-    unparsable request bytes into INVALID_ARGUMENT before the servicer sees them."""
+    """Put first in the server's interceptors: authenticates (when auth is set), authorizes admin
+    methods, then turns unparsable request bytes into INVALID_ARGUMENT before the servicer sees them."""
 
-    def __init__(self, auth: BearerAuth | None = None) -> None:
+    def __init__(self, auth: BearerAuth | None = None, admin_methods: frozenset[str] = frozenset(),
+                 admins: frozenset[str] = frozenset()) -> None:
         self.auth = auth
+        self.admin_methods = admin_methods  # full method names, e.g. /clasp.v1.Planner/GetPlan
+        self.admins = admins  # token identities that may call them
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
-        denied = (self.auth is not None and method not in OPEN_METHODS
-                  and self.auth.identity(handler_call_details.invocation_metadata) is None)
+        identity = (self.auth.identity(handler_call_details.invocation_metadata)
+                    if self.auth is not None and method not in OPEN_METHODS else None)
+        unauthenticated = self.auth is not None and method not in OPEN_METHODS and identity is None
+        forbidden = (self.auth is not None and method in self.admin_methods and identity is not None
+                     and identity not in self.admins)
+        denied = unauthenticated or forbidden
         name = _message_name(method)
         deserialize = _lenient(handler.request_deserializer, name)
 
         async def refuse(request, context):
-            if denied:
+            if unauthenticated:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+            if forbidden:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"{method.rsplit('/', 1)[-1]} is an admin method; identity {identity!r} "
+                                    "is not an admin (--admin-identities)")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {request.type_name}")
 
         if handler.unary_unary:
@@ -135,7 +150,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, handler.response_serializer)
         if denied:  # streaming requests (server reflection): refused whole
             async def refuse_stream(request_iterator, context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+                await refuse(None, context)
 
             if handler.stream_stream:
                 return grpc.stream_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
@@ -208,9 +223,18 @@ def redis_acl_config(password: str) -> str:
     return f"user default off\nuser {REDIS_USER} {' '.join(redis_acl_rules(password))}\n"
 
 
-if __name__ == "__main__":  # python -m serving.security redis-conf PASSWORD_FILE (make start, deploy)
-    import sys
+def write_redis_acl_config(password_file: str, out_file: str | None = None) -> None:
+    """redis_acl_config for the password in password_file, to out_file (mode 600) or stdout."""
+    config = redis_acl_config(Path(password_file).read_text().strip())
+    if out_file is None:
+        sys.stdout.write(config)
+        return
+    fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(config)
 
-    if sys.argv[1:2] != ["redis-conf"] or len(sys.argv) != 3:
-        sys.exit("usage: python -m serving.security redis-conf PASSWORD_FILE")
-    sys.stdout.write(redis_acl_config(Path(sys.argv[2]).read_text().strip()))
+
+if __name__ == "__main__":  # make start (stdout), and the Kubernetes Redis pod's init container (a file)
+    if sys.argv[1:2] != ["redis-conf"] or len(sys.argv) not in (3, 4):
+        sys.exit("usage: python -m serving.security redis-conf PASSWORD_FILE [OUT_FILE]")
+    write_redis_acl_config(*sys.argv[2:])
