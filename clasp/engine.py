@@ -10,6 +10,7 @@ import torch
 
 from clasp import backends, draft_kernels
 from clasp.backends.base import LoadOptions
+from clasp.chat import chat_prompt_ids
 from clasp.config import ClaspConfig, SamplingParams
 from clasp.decoding import Chunk, GenerationResult, generate
 from clasp.draft_kernels import DraftKernelChoice
@@ -87,10 +88,7 @@ class Engine:
             for i, m in enumerate(msgs):
                 if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                     raise ValueError(f"messages[{i}] must have string 'role' and 'content'")
-            ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "input_ids") or isinstance(ids, dict):
-                ids = ids["input_ids"]
-            return list(ids)
+            return chat_prompt_ids(self.tokenizer, msgs)  # template markup inside content stays text
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, config: ClaspConfig | None = None,
