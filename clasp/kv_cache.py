@@ -89,6 +89,16 @@ class KVCache:
         other._views = {}
         return other
 
+    def share(self) -> "KVCache":
+        """A new cache over the same storage, with its own lengths (all 0): how a pool of storage at
+        fixed addresses hands it out again (clasp.static_step.CachePool)."""
+        other = object.__new__(KVCache)
+        other.keys, other.values = self.keys, self.values
+        other.max_length = self.max_length
+        other.lengths = [0] * self.num_slots
+        other._views = {}
+        return other
+
     def slot_nbytes(self) -> int:
         """Bytes one slot holds (all layers, keys and values)."""
         return self.nbytes() // self.num_slots

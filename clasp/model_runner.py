@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from clasp.attention import span_attention
 from clasp.kv_cache import KVCache
 from clasp.matrices import DenseMatrix, Int8Weight, PackedWeight, nbytes
 
@@ -157,6 +158,11 @@ class ModelRunner:
         # over the same int8 copy, whose products read the weights once for all rows (the CPU backend
         # measures where that starts to pay).
         self.fused_draft_max_rows = 1
+        self.norm = rms_norm  # RMSNorm (x, weight, eps); a backend may install a fused one
+        # A backend's static-shape steps (clasp.static_step.StaticSteps, CUDA graphs on CUDA): tried
+        # first for the one-token and few-row passes they cover; None: every pass runs eagerly.
+        self.static_steps = None
+        self.cache_pool = None  # a backend's pool of KV-cache storage that new_cache hands out (None: allocate)
         self.rotary = rotary  # the model's own rotary module: handles every rope scaling type
         self.device = device
         self.dtype = dtype
@@ -276,6 +282,8 @@ class ModelRunner:
         if max_length > self.spec.max_context:
             raise ValueError(f"cache length {max_length} exceeds the context window {self.spec.max_context}")
         self._ensure_rope(max_length)
+        if self.cache_pool is not None:  # storage at fixed addresses, reused: what captured steps need
+            return self.cache_pool.new_cache(self, max_length, num_slots)
         s = self.spec
         return KVCache(s.num_layers, s.num_kv_heads, s.head_dim, max_length, self.dtype, self.device, num_slots)
 
@@ -341,13 +349,22 @@ class ModelRunner:
 
         A segment's skipped layers write no KV; everything else writes its KV at its tokens'
         positions of its slot and sets the slot's valid length to start+T. If hidden_states is a
-        list, h_0..h_L ([N, hidden] each) are appended to it (a skipped layer repeats the previous
+        list, h_0..h_L ([N, hidden] each; with last_only only each segment's last row, [B, hidden],
+        which is all a prefill needs) are appended to it (a skipped layer repeats the previous
         state for that segment's rows).
         """
         num_rows = sum(s.num_tokens for s in segments)
         for s in segments:
             if s.start + s.num_tokens > cache.max_length:
                 raise ValueError(f"KV cache overflow: position {s.start + s.num_tokens} > capacity {cache.max_length}")
+        if self.static_steps is not None:
+            logits = self.static_steps.forward(segments, cache, draft, last_only, hidden_states)
+            if logits is not None:
+                return logits
+        last_rows = None  # with last_only, the row of each segment's last token
+        if last_only:
+            ends = list(itertools.accumulate(s.num_tokens for s in segments))
+            last_rows = slice(num_rows - 1, num_rows) if len(segments) == 1 else [e - 1 for e in ends]
         weights = self.draft_weights if draft else self.full_weights(num_rows)
         if len(segments) == 1:
             seg = segments[0]
@@ -360,7 +377,7 @@ class ModelRunner:
             cos, sin = self._rope_cos[positions], self._rope_sin[positions]
         x = F.embedding(token_ids, self.embed)  # [N, hidden]
         if hidden_states is not None:
-            hidden_states.append(x)
+            hidden_states.append(x if last_rows is None else x[last_rows].clone())  # a view would keep all rows
         # Only one-token segments (decoding, drafting, the hot path): a leaner layer with fewer torch calls.
         one = num_rows == len(segments) and weights.layers[0].q_norm is None
         layer_fn = self._token_layer if one else self._layer
@@ -372,14 +389,13 @@ class ModelRunner:
             else:
                 x = self._partial_layer(layer_fn, x, lw, i, cache, segments, cos, sin)
             if hidden_states is not None:
-                hidden_states.append(x)
+                hidden_states.append(x if last_rows is None else x[last_rows].clone())
         for s in segments:
             cache.lengths[s.slot] = s.start + s.num_tokens
-        if last_only:
-            ends = list(itertools.accumulate(s.num_tokens for s in segments))
-            x = x[-1:] if len(segments) == 1 else x[[e - 1 for e in ends]]
+        if last_rows is not None:
+            x = x[last_rows]
         head = weights.lm_head if draft else self.full_weights(x.shape[0]).lm_head
-        return head(rms_norm(x, weights.final_norm, self.spec.rms_norm_eps)).float()
+        return head(self.norm(x, weights.final_norm, self.spec.rms_norm_eps)).float()
 
     def _partial_layer(self, layer_fn, x, lw, layer, cache, segments, cos, sin) -> torch.Tensor:
         """Layer `layer` for the rows of the segments that do not skip it; the others keep x."""
@@ -409,18 +425,18 @@ class ModelRunner:
             q, k = qk.split([s.num_heads, s.num_kv_heads], dim=1)
             return q, k, v
         q, k = qkv[:, :qk_heads * s.head_dim].view(n, qk_heads, s.head_dim).split([s.num_heads, s.num_kv_heads], 1)
-        q = rms_norm(q, lw.q_norm, s.rms_norm_eps)
-        k = rms_norm(k, lw.k_norm, s.rms_norm_eps)
+        q = self.norm(q, lw.q_norm, s.rms_norm_eps)
+        k = self.norm(k, lw.k_norm, s.rms_norm_eps)
         return rope(q, cos, sin), rope(k, cos, sin), v
 
     def _qkv(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
-        qkv = lw.qkv(rms_norm(x, lw.input_norm, self.spec.rms_norm_eps))
+        qkv = lw.qkv(self.norm(x, lw.input_norm, self.spec.rms_norm_eps))
         return qkv if lw.qkv_bias is None else qkv + lw.qkv_bias.to(x.dtype)
 
     def _mlp_block(self, x: torch.Tensor, attn: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         """Residual adds of attention output and the MLP: x [N, hidden], attn [N, heads*hd]."""
         x = x + lw.o(attn)
-        gate, up = lw.gate_up(rms_norm(x, lw.post_norm, self.spec.rms_norm_eps)).chunk(2, dim=-1)
+        gate, up = lw.gate_up(self.norm(x, lw.post_norm, self.spec.rms_norm_eps)).chunk(2, dim=-1)
         return x + lw.down(F.silu(gate) * up)
 
     def _layer(self, x, lw, layer, cache, segments, cos, sin) -> torch.Tensor:
@@ -431,16 +447,10 @@ class ModelRunner:
             n = seg.num_tokens
             keys, values = cache.write(layer, seg.slot, seg.start, k[row:row + n].transpose(0, 1),
                                        v[row:row + n].transpose(0, 1))  # [kv_heads, start+n, hd]
-            mask = None
-            if n > 1 and seg.start > 0:  # causal within the new tokens; earlier positions all visible
-                key_pos = torch.arange(seg.start + n, device=self.device)
-                query_pos = torch.arange(seg.start, seg.start + n, device=self.device)
-                mask = key_pos[None, :] <= query_pos[:, None]  # [n, start+n]
-            # A prefill (start 0, several tokens) is plainly causal: the kernel's causal path is
-            # much faster than an explicit mask (0.7 s of a 2.4 s 1200-token prefill otherwise).
-            causal = mask is None and n > 1
-            attn = F.scaled_dot_product_attention(q[row:row + n].transpose(0, 1)[None], keys[None], values[None],
-                                                  attn_mask=mask, is_causal=causal, enable_gqa=True)  # [1, heads, n, hd]
+            # Causal within the new tokens, earlier positions all visible: a lower-right causal
+            # mask, which keeps CUDA on the flash kernel (clasp.attention).
+            attn = span_attention(q[row:row + n].transpose(0, 1)[None], keys[None], values[None],
+                                  seg.start)  # [1, heads, n, hd]
             outputs.append(attn[0].transpose(0, 1).reshape(n, -1))
             row += n
         return self._mlp_block(x, outputs[0] if len(outputs) == 1 else torch.cat(outputs), lw)

@@ -68,6 +68,11 @@ class LayerSkipProposer:
         self.runner, self.cache, self.exit_threshold = runner, cache, exit_threshold
 
     def propose(self, requests: Sequence[DraftSlot]) -> Proposals:
+        steps = self.runner.static_steps  # a backend's static passes: greedy drafts with one read per round
+        if steps is not None:
+            proposals = steps.propose(requests, self.cache, self.exit_threshold)
+            if proposals is not None:
+                return proposals
         drafted = [[] for _ in requests]
         probs = [[] for _ in requests]
         current = [r.token_id for r in requests]
