@@ -15,15 +15,17 @@ long prompt holds the others for one piece at a time (docs/performance.md has th
 of a piece).
 
 Speculation and batch size: each request's controller chooses its own draft length from its own
-acceptance, but the costs it sees are the batch's: the wall time of the round's batched draft and
-verification. On a memory-bound CPU a few more rows cost little, so speculation stays on while
-it pays; where verification of many rows costs more than the tokens it saves, the controllers see
-that cost and draft less, down to plain steps.
+acceptance, and the costs it sees are the batch's (the wall time of the round's batched draft and
+verification). On top, BatchPolicy measures, per batch size, the tokens per second of rounds that
+may draft against rounds that may not, and runs the better kind, trying the other every
+`explore_every` rounds: as the batch grows and a plain step already streams the weights for every
+request, speculation stops where it no longer pays there, and comes back where it does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from clasp.config import ClaspConfig, SamplingParams
 from clasp.decoding import start_request, step
@@ -35,6 +37,33 @@ from clasp.request import Request
 DEFAULT_SLOTS = 8
 DEFAULT_SLOT_TOKENS = 2048
 BATCH_PREFILL_CHUNK_TOKENS = 128  # prompt tokens per step while other requests are decoding
+
+
+class BatchPolicy:
+    """Whether a step of a batch of size b may draft: decayed tokens per second of each kind of
+    step, per b, measured (b = 1 is left to the request's own controller)."""
+
+    def __init__(self, explore_every: int = 12, decay: float = 0.8) -> None:
+        self.explore_every, self.decay = explore_every, decay
+        self.rates: dict[tuple[int, bool], float] = {}  # (b, drafting allowed) -> tokens per second
+        self.steps: dict[int, int] = {}
+
+    def allow_draft(self, b: int) -> bool:
+        if b < 2:
+            return True
+        n = self.steps[b] = self.steps.get(b, 0) + 1
+        spec, plain = self.rates.get((b, True)), self.rates.get((b, False))
+        if spec is None or plain is None:
+            return spec is None  # measure drafting first, then a plain step
+        best = spec >= plain
+        return (not best) if n % self.explore_every == 0 else best
+
+    def observe(self, b: int, allowed: bool, tokens: int, seconds: float) -> None:
+        if b < 2 or seconds <= 0:
+            return
+        rate, key = tokens / seconds, (b, allowed)
+        old = self.rates.get(key)
+        self.rates[key] = rate if old is None else self.decay * old + (1 - self.decay) * rate
 
 
 class Scheduler:
@@ -53,6 +82,7 @@ class Scheduler:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.free = list(range(num_slots - 1, -1, -1))  # pop() gives slot 0 first
         self.active: list[Request] = []
+        self.policy = BatchPolicy()
 
     @property
     def num_slots(self) -> int:
@@ -110,7 +140,12 @@ class Scheduler:
                     continue  # one prompt at a time: the others' rounds are not held longer
                 prefilling = True
             running.append(req)
-        chunks = step(self.engine.runner, running)
+        decoding = sum(not r.prefilling for r in running)
+        allow = self.policy.allow_draft(decoding)
+        started = time.perf_counter()
+        chunks = step(self.engine.runner, running, allow)
+        if not prefilling:  # a prefill piece in the step would blur the comparison
+            self.policy.observe(decoding, allow, sum(len(c.token_ids) for c in chunks), time.perf_counter() - started)
         for req in running:
             if req.finished:
                 self.release(req)

@@ -123,3 +123,20 @@ def test_scheduler_bounds_and_release(engine):
     scheduler.release(req)
     assert scheduler.has_free_slot() and not scheduler.active
     assert scheduler.kv_nbytes == engine.runner.new_cache(64).nbytes()
+
+
+def test_batch_policy_runs_the_faster_kind_and_keeps_trying_the_other():
+    from clasp.scheduler import BatchPolicy
+
+    policy = BatchPolicy(explore_every=4)
+    assert policy.allow_draft(1)  # a single stream: its own controller decides
+    assert policy.allow_draft(8)  # nothing measured: drafting first
+    policy.observe(8, True, 40, 1.0)
+    assert not policy.allow_draft(8)  # then a plain step
+    policy.observe(8, False, 60, 1.0)
+    choices = [policy.allow_draft(8) for _ in range(8)]
+    assert choices.count(False) == 6 and choices.count(True) == 2  # plain is faster here; drafting is re-tried
+    for _ in range(20):
+        policy.observe(8, True, 100, 1.0)
+    assert policy.allow_draft(8) or policy.allow_draft(8)
+    assert policy.rates[(8, True)] > policy.rates[(8, False)]
