@@ -18,6 +18,8 @@ Matrix variants, each a full step with the same other parts:
   mkl          the plain matrices through linear() (MKL, the padded 2-row trick per shape)
   fp32-<isa>   clasp.cpu_draft.fp32_matrix in each instruction set this CPU runs (a copy of
                the weights in its blocked layout; not wired into the model: measured here only)
+and, as a whole step only, cpu_draft.FusedFp32Step in each instruction set (the step in one C++
+call over the same blocked copies: what is left once torch's per-op overhead is gone).
 A torch.profiler table of the runner's step (ops by self time) is included for the op counts.
 
 Results: benchmarks/results/profile-<tag>.{json,md} and profile-latest.md.
@@ -188,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         variants = {k: v for k, v in variants.items() if k in wanted}
     for isa in isas:
         variants[f"fp32-{isa}"] = (runner.weights, kernel_product(runner.weights, isa))
+    fused = {f"fused-fp32-{isa}": cpu_draft.FusedFp32Step(runner.spec, runner.embed, runner.weights, isa)
+             for isa in isas}
+
+    def fused_step(step) -> torch.Tensor:
+        logits = step.forward(token_id, cache, position, runner._rope_cos, runner._rope_sin)
+        cache.length = position + 1
+        return logits
 
     # The reference: the runner's own step, and the replica's logits against it.
     with torch.inference_mode():
@@ -198,12 +207,20 @@ def main(argv: list[str] | None = None) -> int:
         err = float((got - reference).abs().max() / reference.abs().max())
         checks[name] = {"max_rel_error": err, "argmax_equal": int(got.argmax()) == int(reference.argmax()),
                         "exact": bool(torch.equal(got, reference))}
+    for name, step in fused.items():
+        got = fused_step(step)
+        checks[name] = {"max_rel_error": float((got - reference).abs().max() / reference.abs().max()),
+                        "argmax_equal": int(got.argmax()) == int(reference.argmax()),
+                        "exact": bool(torch.equal(got, reference))}
     bandwidth_before = measure_bandwidth(torch.device("cpu"))
 
     runner_seconds, parts = [], {name: defaultdict(list) for name in variants}
+    fused_seconds = {name: [] for name in fused}
     for _ in range(2):  # first-call costs
         for weights, product in variants.values():
             timed_step(runner, weights, product, token_id, cache, position)
+        for step in fused.values():
+            fused_step(step)
     for _ in range(args.steps):  # variants interleaved step by step: load drift hits all alike
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -214,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             for part, sec in step.items():
                 parts[name][part].append(sec)
             parts[name]["total"].append(sum(step.values()))
+        for name, step in fused.items():
+            t0 = time.perf_counter()
+            fused_step(step)
+            fused_seconds[name].append(time.perf_counter() - t0)
     bandwidth = max(bandwidth_before, measure_bandwidth(torch.device("cpu")))
     table = profiler_table(runner, token_id, cache, position)
 
@@ -240,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         entry["other"] = {"ms": entry["total"]["ms"] - matrices_ms}
         results[name] = entry
     runner_ms = 1000 * statistics.median(runner_seconds)
+    one_call = {}
+    for name, secs in fused_seconds.items():
+        ms = 1000 * statistics.median(secs)
+        one_call[name] = {"ms": ms, "of_bound": step_bytes / (ms / 1000) / bandwidth}
     meta = {"timestamp": timestamp.isoformat(timespec="seconds"), "machine": machine_info(torch.device("cpu")),
             "model": engine.model_name, "dtype": "float32", "git_commit": git_commit(), "context": args.context,
             "steps": args.steps, "bandwidth_gb_per_s": bandwidth / 1e9, "bandwidth_before_gb_per_s": bandwidth_before / 1e9,
@@ -247,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             "bound_ms": 1000 * step_bytes / bandwidth, "packed_min_rows": runner.packed_min_rows,
             "runner_step_ms": runner_ms, "runner_of_bound": step_bytes / (runner_ms / 1000) / bandwidth,
             "checks": checks, "load_average": list(load), "load_average_after": list(os.getloadavg())}
-    summary = {"meta": meta, "variants": results, "profiler": table}
+    summary = {"meta": meta, "variants": results, "one_call": one_call, "profiler": table}
     args.out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or timestamp.strftime("%Y%m%d-%H%M%S")
     path = args.out / f"profile-{tag}.json"
@@ -281,6 +306,10 @@ def render_markdown(summary: dict) -> str:
             e = variants[n][part]
             cells.append(f"{e['ms']:.2f}" + (f" ({e['of_bound']:.0%})" if "of_bound" in e else ""))
         lines.append("| " + " | ".join(cells) + " |")
+    if summary["one_call"]:
+        lines += ["", "The whole step in one C++ call (cpu_draft.FusedFp32Step): " + ", ".join(
+            f"{n} {e['ms']:.1f} ms ({e['of_bound']:.0%} of the bound)" for n, e in summary["one_call"].items())]
+
     def check(c: dict) -> str:
         text = "exact" if c["exact"] else f"max rel. error {c['max_rel_error']:.1e}"
         return text + ("" if c["argmax_equal"] else " (argmax differs)")

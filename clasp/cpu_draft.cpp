@@ -264,6 +264,12 @@ torch::Tensor Int8Matrix::forward(const torch::Tensor& x) const {
 constexpr int64_t FP32_MAX_ROWS = 16;
 constexpr int64_t FP32_AVX2_ROWS = 6;  // AVX2: 6 rows x 2 halves of a line = 12 of 16 ymm registers
 constexpr int64_t FP32_K_TILE = 256;   // AVX2 passes over more rows re-read a 16 KiB tile from L1
+// Lines requested into L2 this far ahead of use (8 KiB): more misses in flight than the hardware
+// prefetcher keeps, which stops at page boundaries. Measured on the dev Xeon: one thread 8-13%
+// faster for one row, 25-35% for 5-9 rows; 64 and 256 lines did no better.
+constexpr int64_t FP32_PREFETCH_LINES = 128;
+
+inline void prefetch_line(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
 
 struct Fp32Matrix {
   torch::Tensor blocked;  // float32 [ceil(N/16), K, 16]
@@ -337,6 +343,7 @@ AVX512_TARGET void fp32_blocks_avx512(const Fp32Matrix& m, const float* xt, int6
       for (int t = 0; t < T; ++t) acc[u][t] = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + U <= k; i += U) {
+      for (int u = 0; u < U; ++u) prefetch_line(w + (i + u + FP32_PREFETCH_LINES) * 16);  // no fault past the end
       for (int u = 0; u < U; ++u) {
         const __m512 line = _mm512_loadu_ps(w + (i + u) * 16);
         const float* xi = xt + (i + u) * T;
@@ -361,7 +368,7 @@ AVX512_TARGET void fp32_blocks_avx512(const Fp32Matrix& m, const float* xt, int6
 // adding to the partial sums acc[t][16] (so a block's rows can be done in several passes).
 template <int TC>
 AVX2_TARGET inline void fp32_tile_avx2(const float* w, const float* xt, int64_t T, int64_t t0, int64_t i0,
-                                       int64_t i1, float* acc) {
+                                       int64_t i1, float* acc, bool prefetch) {
   constexpr int U = TC == 1 ? 2 : 1;  // with one row, two sets of accumulators: 4 chains in flight
   __m256 lo[U][TC], hi[U][TC];
   for (int t = 0; t < TC; ++t) {
@@ -371,6 +378,8 @@ AVX2_TARGET inline void fp32_tile_avx2(const float* w, const float* xt, int64_t 
   }
   int64_t i = i0;
   for (; i + U <= i1; i += U) {
+    if (prefetch)
+      for (int u = 0; u < U; ++u) prefetch_line(w + (i + u + FP32_PREFETCH_LINES) * 16);
     for (int u = 0; u < U; ++u) {
       const __m256 wl = _mm256_loadu_ps(w + (i + u) * 16);
       const __m256 wh = _mm256_loadu_ps(w + (i + u) * 16 + 8);
@@ -403,13 +412,14 @@ AVX2_TARGET inline void fp32_tile_avx2(const float* w, const float* xt, int64_t 
 
 AVX2_TARGET void fp32_tile_avx2_rows(const float* w, const float* xt, int64_t T, int64_t t0, int64_t tc, int64_t i0,
                                      int64_t i1, float* acc) {
+  const bool prefetch = t0 == 0;  // later passes over the tile read it from L1
   switch (tc) {
-    case 1: fp32_tile_avx2<1>(w, xt, T, t0, i0, i1, acc); break;
-    case 2: fp32_tile_avx2<2>(w, xt, T, t0, i0, i1, acc); break;
-    case 3: fp32_tile_avx2<3>(w, xt, T, t0, i0, i1, acc); break;
-    case 4: fp32_tile_avx2<4>(w, xt, T, t0, i0, i1, acc); break;
-    case 5: fp32_tile_avx2<5>(w, xt, T, t0, i0, i1, acc); break;
-    default: fp32_tile_avx2<6>(w, xt, T, t0, i0, i1, acc); break;
+    case 1: fp32_tile_avx2<1>(w, xt, T, t0, i0, i1, acc, prefetch); break;
+    case 2: fp32_tile_avx2<2>(w, xt, T, t0, i0, i1, acc, prefetch); break;
+    case 3: fp32_tile_avx2<3>(w, xt, T, t0, i0, i1, acc, prefetch); break;
+    case 4: fp32_tile_avx2<4>(w, xt, T, t0, i0, i1, acc, prefetch); break;
+    case 5: fp32_tile_avx2<5>(w, xt, T, t0, i0, i1, acc, prefetch); break;
+    default: fp32_tile_avx2<6>(w, xt, T, t0, i0, i1, acc, prefetch); break;
   }
 }
 
