@@ -219,7 +219,7 @@ $(PEERS)/gguf/SmolLM2-135M-Instruct-%.gguf: $(CONVERTER_DEPS) | $(MODEL_DIR)/con
 	PYTHONPATH=$(dir $(CONVERTER_DEPS)) $(PY) $(LLAMA_CPP_DIR)/converter/convert_hf_to_gguf.py $(MODEL_DIR) --outtype $* --outfile $@.tmp
 	mv $@.tmp $@
 
-bench-peers: setup $(PEER_GGUF)  ## llama.cpp F32/F16/Q8_0 (built once into the cache) beside our ar and clasp, interleaved (~15 min)
+bench-peers: setup $(PEER_GGUF)  ## llama.cpp F32/F16/Q8_0 (built once into the cache) beside our ar and clasp, interleaved (first run: ~10 min build; then ~2 min)
 	$(PY) benchmarks/bench_peers.py --llama-cpp-dir $(LLAMA_CPP_DIR)/site --gguf-dir $(PEERS)/gguf $(if $(filter full,$(BENCH)),--full,) $(BENCH_ARGS)
 
 bench-all: bench bench-service bench-sampling bench-loi bench-kernels bench-planner bench-http bench-peers  ## every benchmark above, one after another

@@ -79,6 +79,7 @@ class Row:
     finish_reason: str | None = None
     matches_ar: bool | None = None  # token ids equal to ar's on this question
     first_divergence: int | None = None  # index of the first token that differs from ar's
+    load_average: float | None = None  # the 1-minute load average when this run ended (other processes)
     error: str | None = None
     token_ids: list[int] = dataclasses.field(default_factory=list, repr=False)
 
@@ -181,6 +182,7 @@ def run_question(question, prompt_ids: list[int], runners: dict, broken: dict, m
                     row.decode_tokens_per_s = (row.num_tokens - 1) / row.decode_seconds
             except Exception as e:  # one failing method is a result, not a crash
                 row.error = f"{type(e).__name__}: {e}"
+        row.load_average = os.getloadavg()[0]
         if method == "ar" and row.error is None:
             ar_ids = row.token_ids
         elif ar_ids is not None and row.error is None:
@@ -189,7 +191,7 @@ def run_question(question, prompt_ids: list[int], runners: dict, broken: dict, m
         rows.append(row)
         print(f"q{question.question_id} {question.category} {method}: {row.num_tokens} tokens, "
               f"{_fmt(row.decode_tokens_per_s)} tok/s decode, first token {row.first_token_seconds:.2f} s"
-              + ("" if row.matches_ar is None else f", equal to ar: {row.matches_ar}")
+              + ("" if row.matches_ar is None else f", equal to ar: {row.matches_ar}") + f", load {row.load_average:.2f}"
               + (f", ERROR {row.error}" if row.error else ""), file=sys.stderr)
     return rows
 
@@ -293,7 +295,10 @@ def render_markdown(summary: dict) -> str:
                 cells.append("error" if r is None or r["error"] else "=" if r["matches_ar"]
                              else f"differs at {r['first_divergence']}")
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"- bandwidth {bw['gb_per_s']:.1f} GB/s: a {meta['threads']}-thread torch sum over a "
+    loads = [r["load_average"] for r in summary["rows"] if r.get("load_average") is not None]
+    lines += ["", f"- 1-minute load average after each run: {min(loads):.2f}-{max(loads):.2f} (this run adds about "
+                  f"{meta['threads']}; more means other processes shared the cores)" if loads else "- load: n/a",
+              f"- bandwidth {bw['gb_per_s']:.1f} GB/s: a {meta['threads']}-thread torch sum over a "
                   f"{BANDWIDTH_BUFFER_MIB} MiB buffer, the better of before ({bw['before_gb_per_s']:.1f}) and after "
                   f"({bw['after_gb_per_s']:.1f}); bound tok/s = bandwidth / weight bytes per token: "
                   + ", ".join(f"{x} {bw['bound_tokens_per_s'][x]:.1f}" for x in methods if x in bw["bound_tokens_per_s"]),
@@ -323,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="llama.cpp (F32, F16, Q8_0 GGUF) beside our ar and clasp on Spec-Bench questions: decode "
                     "tok/s, % of the measured bandwidth bound, greedy output equality.",
         epilog="`make bench-peers` builds llama-cpp-python into the cache and converts the GGUF files, then runs "
-               "this. The quick default (6 questions x 5 methods, 96 new tokens) takes ~10 minutes on 2 cores.")
+               "this. The quick default (6 questions x 5 methods, 96 new tokens) takes ~2 minutes on 2 quiet cores; llama.cpp slows down sharply when other processes share the cores (check the load column).")
     add_question_args(parser, METHODS, METHODS, ",".join(METHODS), "ar")
     parser.add_argument("--llama-cpp-dir", type=Path, default=None,
                         help="where llama-cpp-python is installed (pip --target); default: import from the venv")
