@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="llama.cpp (F32, F16, Q8_0 GGUF) beside our ar and clasp on Spec-Bench questions: decode "
                     "tok/s, % of the measured bandwidth bound, greedy output equality.",
         epilog="`make bench-peers` builds llama-cpp-python into the cache and converts the GGUF files, then runs "
-               "this. The quick default (6 questions x 5 methods, 96 new tokens) takes ~2 minutes on 2 quiet cores; llama.cpp slows down sharply when other processes share the cores (check the load column).")
+               "this. The quick default (6 questions x 5 methods, 96 new tokens) takes ~2 minutes on 2 quiet cores; "
+               "llama.cpp slows down sharply when other processes share the cores (see the load averages).")
     add_question_args(parser, METHODS, METHODS, ",".join(METHODS), "ar")
     parser.add_argument("--llama-cpp-dir", type=Path, default=None,
                         help="where llama-cpp-python is installed (pip --target); default: import from the venv")
