@@ -11,7 +11,7 @@ PROMPT ?= Explain in three sentences why the sky is blue.
 BENCH ?= quick
 BENCH_ARGS ?=
 
-.PHONY: help setup proto kernels start start-http run stop demo-engine test fuzz load bench bench-service bench-sampling bench-loi bench-kernels bench-planner bench-http bench-load bench-all image image-gpu image-test deploy deploy-check clean distclean
+.PHONY: help setup proto kernels start start-http run stop demo-engine test fuzz load bench bench-service bench-sampling bench-loi bench-kernels bench-planner bench-http bench-load bench-peers bench-all image image-gpu image-test deploy deploy-check clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -184,7 +184,48 @@ bench-http: setup  ## HTTP API benchmark: TTFT and tok/s via the OpenAI-compatib
 bench-load: setup  ## throughput against concurrency: N = 1, 2, 4, 8, 16 streaming gRPC clients, ar and clasp, beside transformers' padded batch (~10 min)
 	$(PY) benchmarks/bench_load.py $(BENCH_ARGS)
 
-bench-all: bench bench-service bench-sampling bench-loi bench-kernels bench-planner bench-http bench-load  ## every benchmark above, one after another
+# --- peers: llama.cpp beside our engine. llama-cpp-python is built once from its PyPI sdist into the
+# cache (its own --target dir, so the pinned .venv is untouched; 8-13 min on 2 cores); the embedded model
+# is converted to GGUF with the converter that sdist vendors and the gguf-py beside it (pinned with the
+# sdist: the converter of 0.3.36 needs more than PyPI's gguf 0.19.0, the venv's, has).
+LLAMA_CPP_VERSION := 0.3.36
+PEERS := $(CLASP_CACHE_DIR)/peers
+LLAMA_CPP_DIR := $(PEERS)/llama-cpp-python-$(LLAMA_CPP_VERSION)
+LLAMA_CPP_SDIST := $(PEERS)/src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+LLAMA_CPP := $(LLAMA_CPP_DIR)/.installed
+PEER_GGUF := $(foreach q,f32 f16 q8_0,$(PEERS)/gguf/SmolLM2-135M-Instruct-$(q).gguf)
+
+$(LLAMA_CPP_SDIST): | $(VENV)/.installed
+	mkdir -p $(dir $@)
+	$(PIP) download -q --no-deps --no-binary :all: -d $(dir $@) llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+$(LLAMA_CPP): $(LLAMA_CPP_SDIST)
+	rm -rf $(LLAMA_CPP_DIR) && mkdir -p $(LLAMA_CPP_DIR)/converter
+	tar xzf $< -C $(LLAMA_CPP_DIR)/converter --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/conversion \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/gguf-py
+	@echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (GGML_NATIVE=ON, 2 jobs; log: $(LLAMA_CPP_DIR)/build.log)"
+	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install --no-deps --no-cache-dir \
+	  --target $(LLAMA_CPP_DIR)/site $< diskcache==5.6.3 > $(LLAMA_CPP_DIR)/build.log 2>&1 \
+	  || { tail -20 $(LLAMA_CPP_DIR)/build.log; echo "llama-cpp-python $(LLAMA_CPP_VERSION) could not be built; see $(LLAMA_CPP_DIR)/build.log"; exit 1; }
+	touch $@
+
+# The converter imports sentencepiece before it looks for a tokenizer.model (this model has none).
+CONVERTER_DEPS := $(LLAMA_CPP_DIR)/converter/deps/.installed
+$(CONVERTER_DEPS): $(LLAMA_CPP)
+	$(PIP) install -q --no-deps --target $(dir $@) sentencepiece==0.2.1
+	touch $@
+
+$(PEERS)/gguf/SmolLM2-135M-Instruct-%.gguf: $(CONVERTER_DEPS) | $(MODEL_DIR)/config.json
+	mkdir -p $(dir $@)
+	PYTHONPATH=$(dir $(CONVERTER_DEPS)) $(PY) $(LLAMA_CPP_DIR)/converter/convert_hf_to_gguf.py $(MODEL_DIR) --outtype $* --outfile $@.tmp
+	mv $@.tmp $@
+
+bench-peers: setup $(PEER_GGUF)  ## llama.cpp F32/F16/Q8_0 (built once into the cache) beside our ar and clasp, interleaved (first run: ~10 min build; then ~2 min)
+	$(PY) benchmarks/bench_peers.py --llama-cpp-dir $(LLAMA_CPP_DIR)/site --gguf-dir $(PEERS)/gguf $(if $(filter full,$(BENCH)),--full,) $(BENCH_ARGS)
+
+bench-all: bench bench-service bench-sampling bench-loi bench-kernels bench-planner bench-http bench-load bench-peers  ## every benchmark above, one after another
 
 clean:  ## remove caches of Python and pytest
 	rm -rf .pytest_cache $$(find . -name __pycache__ -not -path './.venv/*')

@@ -11,6 +11,10 @@
 // 16-bit sums, unlike vpmaddubsw), so they differ in speed only.
 // The draft only proposes tokens: the full fp32 model verifies them, so this changes speed and
 // acceptance, never the output. See docs/performance.md.
+//
+// Fp32Matrix is the fp32 counterpart for the full model's few-row products (decoding: 1 row,
+// verification: a few): x[T, K] @ W[N, K].T with the weights streamed once for all T rows, in
+// AVX-512F, AVX2+FMA or portable code (all plain fp32 multiply-adds; they differ in speed only).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -25,9 +29,12 @@ namespace {
 
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
+#define AVX512_TARGET __attribute__((target("avx512f")))
 
-// The instruction sets the kernel has code for (the Python side names them in cpu_draft.ISAS).
-enum Isa : int64_t { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };
+// The instruction sets the kernel has code for (the Python side names them in cpu_draft.ISAS and
+// cpu_draft.FP32_ISAS): the int8 products have portable, AVX2 and AVX-512 VNNI code, the fp32
+// products portable, AVX2 (with FMA) and AVX-512F code.
+enum Isa : int64_t { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2, ISA_AVX512 = 3 };
 
 bool cpu_supports(int64_t isa) {
   __builtin_cpu_init();
@@ -39,13 +46,24 @@ bool cpu_supports(int64_t isa) {
     case ISA_AVX512_VNNI:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    case ISA_AVX512:
+      return __builtin_cpu_supports("avx512f");
     default:
       return false;
   }
 }
 
+// An int8 instruction set (ISA_PORTABLE, ISA_AVX2, ISA_AVX512_VNNI) this CPU can run.
 int64_t checked_isa(int64_t isa, const char* name) {
   TORCH_CHECK(isa >= ISA_PORTABLE && isa <= ISA_AVX512_VNNI, name, ": unknown instruction set ", isa);
+  TORCH_CHECK(cpu_supports(isa), name, ": this CPU cannot run instruction set ", isa);
+  return isa;
+}
+
+// An fp32 instruction set (ISA_PORTABLE, ISA_AVX2, ISA_AVX512) this CPU can run.
+int64_t checked_fp32_isa(int64_t isa, const char* name) {
+  TORCH_CHECK(isa == ISA_PORTABLE || isa == ISA_AVX2 || isa == ISA_AVX512, name, ": unknown fp32 instruction set ",
+              isa);
   TORCH_CHECK(cpu_supports(isa), name, ": this CPU cannot run instruction set ", isa);
   return isa;
 }
@@ -261,6 +279,240 @@ torch::Tensor Int8Matrix::forward(const torch::Tensor& x) const {
   return out;
 }
 
+// ------------------------------------------------------------------ fp32 few-row products
+// Weights are blocked [ceil(N/16), K, 16]: each 64-byte line holds one input of 16 output rows,
+// so for T input rows one line loaded feeds T multiply-adds (the input broadcast), and 16 x T
+// accumulators cover a block's whole product with no horizontal sums. Each thread streams one
+// contiguous range of blocks, and every weight line is read once for all T rows (up to
+// FP32_MAX_ROWS; more rows are done in passes of that many). Padding rows are zero.
+constexpr int64_t FP32_MAX_ROWS = 16;
+constexpr int64_t FP32_AVX2_ROWS = 6;  // AVX2: 6 rows x 2 halves of a line = 12 of 16 ymm registers
+constexpr int64_t FP32_K_TILE = 256;   // AVX2 passes over more rows re-read a 16 KiB tile from L1
+// Lines requested into L2 this far ahead of use (8 KiB): more misses in flight than the hardware
+// prefetcher keeps, which stops at page boundaries. Measured on the dev Xeon: one thread 8-13%
+// faster for one row, 25-35% for 5-9 rows; 64 and 256 lines did no better.
+constexpr int64_t FP32_PREFETCH_LINES = 128;
+
+inline void prefetch_line(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
+
+struct Fp32Matrix {
+  torch::Tensor blocked;  // float32 [ceil(N/16), K, 16]
+  torch::Tensor bias;     // float32 [N] or undefined
+  int64_t n = 0, k = 0;
+  int64_t isa = ISA_PORTABLE;  // which code computes the products (Isa: portable, AVX2, AVX-512F)
+
+  torch::Tensor forward(const torch::Tensor& x) const;  // x [T, K] float32 -> [T, N]
+};
+
+Fp32Matrix make_fp32_matrix(const torch::Tensor& blocked, int64_t n, int64_t k,
+                            const c10::optional<torch::Tensor>& bias, int64_t isa,
+                            const char* name = "fp32 matrix") {
+  TORCH_CHECK(n > 0 && k > 0, name, ": empty matrix");
+  TORCH_CHECK(blocked.scalar_type() == torch::kFloat32 && blocked.is_contiguous() && blocked.dim() == 3 &&
+              blocked.size(0) == (n + 15) / 16 && blocked.size(1) == k && blocked.size(2) == 16 &&
+              blocked.device().is_cpu(),
+              name, ": expected a contiguous float32 CPU tensor [ceil(N/16), K, 16]");
+  Fp32Matrix m;
+  m.blocked = blocked;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, name, ": bias has the wrong size");
+    m.bias = bias->to(torch::kFloat32).contiguous();
+  }
+  m.n = n;
+  m.k = k;
+  m.isa = checked_fp32_isa(isa, name);
+  return m;
+}
+
+// Inputs transposed, xt[k][T] for T rows: the T values a weight line meets sit in one cache line.
+// Block b's 16 x T sums (acc[t][r]) -> y[t, 16 b + r] (+ bias), padding rows dropped.
+inline void finish_fp32_block(const Fp32Matrix& m, int64_t b, int64_t T, const float* acc, float* y,
+                              int64_t ldy) {
+  const float* bias = m.bias.defined() ? m.bias.data_ptr<float>() : nullptr;
+  const int64_t end = std::min<int64_t>(16, m.n - b * 16);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t r = 0; r < end; ++r) {
+      const int64_t row = b * 16 + r;
+      y[t * ldy + row] = bias ? acc[t * 16 + r] + bias[row] : acc[t * 16 + r];
+    }
+}
+
+void fp32_blocks_generic(const Fp32Matrix& m, const float* xt, int64_t T, int64_t b0, int64_t b1, float* y,
+                         int64_t ldy) {
+  const int64_t k = m.k;
+  std::vector<float> acc(16 * T);
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* w = m.blocked.data_ptr<float>() + b * k * 16;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t t = 0; t < T; ++t) {
+        const float xv = xt[i * T + t];
+        for (int64_t r = 0; r < 16; ++r) acc[t * 16 + r] += w[i * 16 + r] * xv;
+      }
+    finish_fp32_block(m, b, T, acc.data(), y, ldy);
+  }
+}
+
+// T rows at once: T accumulators of 16 outputs; with fewer than 4 rows, U sets of them over
+// alternate inputs, so that enough independent multiply-add chains hide the FMA latency.
+template <int T>
+AVX512_TARGET void fp32_blocks_avx512(const Fp32Matrix& m, const float* xt, int64_t b0, int64_t b1, float* y,
+                                      int64_t ldy) {
+  constexpr int U = T == 1 ? 4 : T < 4 ? 2 : 1;
+  const int64_t k = m.k;
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* w = m.blocked.data_ptr<float>() + b * k * 16;
+    __m512 acc[U][T];
+    for (int u = 0; u < U; ++u)
+      for (int t = 0; t < T; ++t) acc[u][t] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + U <= k; i += U) {
+      for (int u = 0; u < U; ++u) prefetch_line(w + (i + u + FP32_PREFETCH_LINES) * 16);  // no fault past the end
+      for (int u = 0; u < U; ++u) {
+        const __m512 line = _mm512_loadu_ps(w + (i + u) * 16);
+        const float* xi = xt + (i + u) * T;
+        for (int t = 0; t < T; ++t) acc[u][t] = _mm512_fmadd_ps(line, _mm512_set1_ps(xi[t]), acc[u][t]);
+      }
+    }
+    for (; i < k; ++i) {
+      const __m512 line = _mm512_loadu_ps(w + i * 16);
+      for (int t = 0; t < T; ++t) acc[0][t] = _mm512_fmadd_ps(line, _mm512_set1_ps(xt[i * T + t]), acc[0][t]);
+    }
+    alignas(64) float out[16 * T];
+    for (int t = 0; t < T; ++t) {
+      __m512 sum = acc[0][t];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][t]);
+      _mm512_store_ps(out + t * 16, sum);
+    }
+    finish_fp32_block(m, b, T, out, y, ldy);
+  }
+}
+
+// AVX2: a line is two 8-float halves. TC (<= FP32_AVX2_ROWS) rows t0.. over inputs [i0, i1),
+// adding to the partial sums acc[t][16] (so a block's rows can be done in several passes).
+template <int TC>
+AVX2_TARGET inline void fp32_tile_avx2(const float* w, const float* xt, int64_t T, int64_t t0, int64_t i0,
+                                       int64_t i1, float* acc, bool prefetch) {
+  constexpr int U = TC == 1 ? 2 : 1;  // with one row, two sets of accumulators: 4 chains in flight
+  __m256 lo[U][TC], hi[U][TC];
+  for (int t = 0; t < TC; ++t) {
+    lo[0][t] = _mm256_loadu_ps(acc + (t0 + t) * 16);
+    hi[0][t] = _mm256_loadu_ps(acc + (t0 + t) * 16 + 8);
+    for (int u = 1; u < U; ++u) lo[u][t] = hi[u][t] = _mm256_setzero_ps();
+  }
+  int64_t i = i0;
+  for (; i + U <= i1; i += U) {
+    if (prefetch)
+      for (int u = 0; u < U; ++u) prefetch_line(w + (i + u + FP32_PREFETCH_LINES) * 16);
+    for (int u = 0; u < U; ++u) {
+      const __m256 wl = _mm256_loadu_ps(w + (i + u) * 16);
+      const __m256 wh = _mm256_loadu_ps(w + (i + u) * 16 + 8);
+      const float* xi = xt + (i + u) * T + t0;
+      for (int t = 0; t < TC; ++t) {
+        const __m256 xv = _mm256_broadcast_ss(xi + t);
+        lo[u][t] = _mm256_fmadd_ps(wl, xv, lo[u][t]);
+        hi[u][t] = _mm256_fmadd_ps(wh, xv, hi[u][t]);
+      }
+    }
+  }
+  for (; i < i1; ++i) {
+    const __m256 wl = _mm256_loadu_ps(w + i * 16);
+    const __m256 wh = _mm256_loadu_ps(w + i * 16 + 8);
+    for (int t = 0; t < TC; ++t) {
+      const __m256 xv = _mm256_broadcast_ss(xt + i * T + t0 + t);
+      lo[0][t] = _mm256_fmadd_ps(wl, xv, lo[0][t]);
+      hi[0][t] = _mm256_fmadd_ps(wh, xv, hi[0][t]);
+    }
+  }
+  for (int t = 0; t < TC; ++t) {
+    for (int u = 1; u < U; ++u) {
+      lo[0][t] = _mm256_add_ps(lo[0][t], lo[u][t]);
+      hi[0][t] = _mm256_add_ps(hi[0][t], hi[u][t]);
+    }
+    _mm256_storeu_ps(acc + (t0 + t) * 16, lo[0][t]);
+    _mm256_storeu_ps(acc + (t0 + t) * 16 + 8, hi[0][t]);
+  }
+}
+
+AVX2_TARGET void fp32_tile_avx2_rows(const float* w, const float* xt, int64_t T, int64_t t0, int64_t tc, int64_t i0,
+                                     int64_t i1, float* acc) {
+  const bool prefetch = t0 == 0;  // later passes over the tile read it from L1
+  switch (tc) {
+    case 1: fp32_tile_avx2<1>(w, xt, T, t0, i0, i1, acc, prefetch); break;
+    case 2: fp32_tile_avx2<2>(w, xt, T, t0, i0, i1, acc, prefetch); break;
+    case 3: fp32_tile_avx2<3>(w, xt, T, t0, i0, i1, acc, prefetch); break;
+    case 4: fp32_tile_avx2<4>(w, xt, T, t0, i0, i1, acc, prefetch); break;
+    case 5: fp32_tile_avx2<5>(w, xt, T, t0, i0, i1, acc, prefetch); break;
+    default: fp32_tile_avx2<6>(w, xt, T, t0, i0, i1, acc, prefetch); break;
+  }
+}
+
+// Up to FP32_AVX2_ROWS rows: one pass over the block. More: per tile of FP32_K_TILE inputs, a pass
+// per group of rows; the first brings the tile from memory, the others read it from L1.
+AVX2_TARGET void fp32_blocks_avx2(const Fp32Matrix& m, const float* xt, int64_t T, int64_t b0, int64_t b1, float* y,
+                                  int64_t ldy) {
+  const int64_t k = m.k;
+  const int64_t tile = T <= FP32_AVX2_ROWS ? k : FP32_K_TILE;
+  alignas(32) float acc[16 * FP32_MAX_ROWS];
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* w = m.blocked.data_ptr<float>() + b * k * 16;
+    std::fill(acc, acc + 16 * T, 0.f);
+    for (int64_t i0 = 0; i0 < k; i0 += tile) {
+      const int64_t i1 = std::min(k, i0 + tile);
+      for (int64_t t0 = 0; t0 < T; t0 += FP32_AVX2_ROWS)
+        fp32_tile_avx2_rows(w, xt, T, t0, std::min(FP32_AVX2_ROWS, T - t0), i0, i1, acc);
+    }
+    finish_fp32_block(m, b, T, acc, y, ldy);
+  }
+}
+
+void fp32_blocks_avx512_rows(const Fp32Matrix& m, const float* xt, int64_t T, int64_t b0, int64_t b1, float* y,
+                             int64_t ldy) {
+  using Fn = void (*)(const Fp32Matrix&, const float*, int64_t, int64_t, float*, int64_t);
+  static constexpr Fn table[FP32_MAX_ROWS] = {
+      fp32_blocks_avx512<1>,  fp32_blocks_avx512<2>,  fp32_blocks_avx512<3>,  fp32_blocks_avx512<4>,
+      fp32_blocks_avx512<5>,  fp32_blocks_avx512<6>,  fp32_blocks_avx512<7>,  fp32_blocks_avx512<8>,
+      fp32_blocks_avx512<9>,  fp32_blocks_avx512<10>, fp32_blocks_avx512<11>, fp32_blocks_avx512<12>,
+      fp32_blocks_avx512<13>, fp32_blocks_avx512<14>, fp32_blocks_avx512<15>, fp32_blocks_avx512<16>};
+  table[T - 1](m, xt, b0, b1, y, ldy);
+}
+
+// y[T, N] (row stride ldy) = x @ W.T (+ bias) for T <= FP32_MAX_ROWS rows given transposed as
+// xt[K][T]; 16-row blocks split across torch's intra-op threads.
+void fp32_product(const Fp32Matrix& m, const float* xt, int64_t T, float* y, int64_t ldy) {
+  TORCH_CHECK(T >= 1 && T <= FP32_MAX_ROWS, "fp32 product: ", T, " rows per pass");
+  at::parallel_for(0, m.blocked.size(0), 4, [&](int64_t b0, int64_t b1) {
+    switch (m.isa) {
+      case ISA_AVX512:
+        fp32_blocks_avx512_rows(m, xt, T, b0, b1, y, ldy);
+        break;
+      case ISA_AVX2:
+        fp32_blocks_avx2(m, xt, T, b0, b1, y, ldy);
+        break;
+      default:
+        fp32_blocks_generic(m, xt, T, b0, b1, y, ldy);
+    }
+  });
+}
+
+torch::Tensor Fp32Matrix::forward(const torch::Tensor& x) const {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+              "fp32 product: expected float32 CPU input [T, ", k, "]");
+  const int64_t rows = x.size(0);
+  auto out = torch::empty({rows, n}, torch::kFloat32);
+  if (rows == 0) return out;
+  const torch::Tensor xc = x.contiguous();
+  std::vector<float> xt(k * std::min(rows, FP32_MAX_ROWS));
+  for (int64_t t0 = 0; t0 < rows; t0 += FP32_MAX_ROWS) {  // passes of up to FP32_MAX_ROWS rows
+    const int64_t T = std::min(FP32_MAX_ROWS, rows - t0);
+    const float* xs = xc.data_ptr<float>() + t0 * k;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < k; ++i) xt[i * T + t] = xs[t * k + i];
+    fp32_product(*this, xt.data(), T, out.data_ptr<float>() + t0 * n, n);
+  }
+  return out;
+}
+
 // ------------------------------------------------------------------ float helpers
 void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* out) {
   double sum = 0.0;
@@ -270,7 +522,7 @@ void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* 
 }
 
 // exp on 16 lanes: range reduction by ln 2, degree-6 polynomial, scale by 2^n (rel. error ~1e-7).
-VNNI_TARGET inline __m512 exp16(__m512 x) {
+AVX512_TARGET inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -287,7 +539,7 @@ VNNI_TARGET inline __m512 exp16(__m512 x) {
 }
 
 // out[i] = silu(gate[i]) * up[i]
-VNNI_TARGET void silu_mul_vnni(const float* gate, const float* up, int64_t n, float* out) {
+AVX512_TARGET void silu_mul_avx512(const float* gate, const float* up, int64_t n, float* out) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512 g = _mm512_loadu_ps(gate + i);
@@ -302,7 +554,7 @@ void silu_mul_generic(const float* gate, const float* up, int64_t n, float* out)
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
-VNNI_TARGET inline float dot_vnni(const float* a, const float* b, int64_t n) {
+AVX512_TARGET inline float dot_avx512(const float* a, const float* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
@@ -311,7 +563,7 @@ VNNI_TARGET inline float dot_vnni(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-VNNI_TARGET inline void axpy_vnni(float alpha, const float* x, float* y, int64_t n) {
+AVX512_TARGET inline void axpy_avx512(float alpha, const float* x, float* y, int64_t n) {
   const __m512 a = _mm512_set1_ps(alpha);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
@@ -319,11 +571,11 @@ VNNI_TARGET inline void axpy_vnni(float alpha, const float* x, float* y, int64_t
 }
 
 // One head's attention over keys/values [P, hd]: out = softmax(q . K^T * scale) V.
-VNNI_TARGET void attend_vnni(const float* q, const float* keys, const float* values, int64_t P, int64_t hd,
+AVX512_TARGET void attend_avx512(const float* q, const float* keys, const float* values, int64_t P, int64_t hd,
                              float scale, float* scores, float* out) {
   float mx = -INFINITY;
   for (int64_t p = 0; p < P; ++p) {
-    scores[p] = dot_vnni(q, keys + p * hd, hd) * scale;
+    scores[p] = dot_avx512(q, keys + p * hd, hd) * scale;
     mx = std::max(mx, scores[p]);
   }
   __m512 total = _mm512_setzero_ps();
@@ -341,7 +593,7 @@ VNNI_TARGET void attend_vnni(const float* q, const float* keys, const float* val
   }
   std::fill(out, out + hd, 0.f);
   const float inv = 1.f / sum;
-  for (p = 0; p < P; ++p) axpy_vnni(scores[p] * inv, values + p * hd, out, hd);
+  for (p = 0; p < P; ++p) axpy_avx512(scores[p] * inv, values + p * hd, out, hd);
 }
 
 // exp on 8 lanes with AVX2 and FMA: the same reduction and polynomial as exp16; 2^n is built
@@ -443,14 +695,30 @@ void attend_generic(const float* q, const float* keys, const float* values, int6
 }
 
 // ------------------------------------------------------------------ the model
+// One token through every layer not skipped, over int8 matrices (DraftModel: the draft) or fp32
+// ones (Fp32Model: the full model's plain step); the same code but for the products.
+inline void product(const Int8Matrix& m, const float* x, QuantizedRow& xq, float* y) {
+  quantize(x, m.k, xq);  // activations per tensor, as the torch path's dynamic quantization
+  gemv(m, xq, y);
+}
+
+inline void product(const Fp32Matrix& m, const float* x, QuantizedRow&, float* y) {
+  fp32_product(m, x, 1, y, m.n);  // one row: x is its own transpose
+}
+
+inline int64_t model_isa(const Int8Matrix*, int64_t isa) { return checked_isa(isa, "draft model"); }
+inline int64_t model_isa(const Fp32Matrix*, int64_t isa) { return checked_fp32_isa(isa, "fp32 model"); }
+
+template <class Matrix>
 struct Layer {
-  Int8Matrix qkv, o, gate_up, down;  // qkv carries the layer's q/k/v bias, if any
+  Matrix qkv, o, gate_up, down;  // qkv carries the layer's q/k/v bias, if any
   torch::Tensor input_norm, post_norm;  // float32 [hidden]
 };
 
-class DraftModel {
+template <class Matrix>
+class OneTokenModel {
  public:
-  DraftModel(torch::Tensor embed, torch::Tensor final_norm, const Int8Matrix& head, int64_t num_heads,
+  OneTokenModel(torch::Tensor embed, torch::Tensor final_norm, const Matrix& head, int64_t num_heads,
              int64_t num_kv_heads, int64_t head_dim, double eps, int64_t isa)
       : embed_(check_float(embed, 2, "embed")),
         final_norm_(check_float(final_norm, 1, "final_norm")),
@@ -459,7 +727,7 @@ class DraftModel {
         kv_heads_(num_kv_heads),
         head_dim_(head_dim),
         eps_(static_cast<float>(eps)),
-        isa_(checked_isa(isa, "draft model")) {
+        isa_(model_isa(static_cast<const Matrix*>(nullptr), isa)) {
     TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0,
                 "num_heads must be a multiple of num_kv_heads");
     TORCH_CHECK(head_dim > 0 && head_dim % 2 == 0, "head_dim must be even");
@@ -467,9 +735,9 @@ class DraftModel {
     TORCH_CHECK(final_norm_.size(0) == hidden_ && head_.k == hidden_, "lm_head/final_norm do not match the hidden size");
   }
 
-  void add_layer(const Int8Matrix& qkv, c10::optional<torch::Tensor> qkv_bias, const Int8Matrix& o,
-                 const Int8Matrix& gate_up, const Int8Matrix& down, torch::Tensor input_norm, torch::Tensor post_norm) {
-    Layer l;
+  void add_layer(const Matrix& qkv, c10::optional<torch::Tensor> qkv_bias, const Matrix& o, const Matrix& gate_up,
+                 const Matrix& down, torch::Tensor input_norm, torch::Tensor post_norm) {
+    Layer<Matrix> l;
     l.qkv = qkv;  // a copy of the handles: the bias below is this model's, not the shared matrix's
     if (qkv_bias.has_value() && qkv_bias->defined()) {
       TORCH_CHECK(qkv_bias->dim() == 1 && qkv_bias->size(0) == qkv.n, "qkv bias has the wrong size");
@@ -494,9 +762,9 @@ class DraftModel {
   // Switch every product and float helper to another instruction set (the weights stay as they
   // are: every instruction set reads the same blocked layout).
   void set_isa(int64_t isa) {
-    isa_ = checked_isa(isa, "draft model");
+    isa_ = model_isa(static_cast<const Matrix*>(nullptr), isa);
     head_.isa = isa_;
-    for (Layer& l : layers_) l.qkv.isa = l.o.isa = l.gate_up.isa = l.down.isa = isa_;
+    for (Layer<Matrix>& l : layers_) l.qkv.isa = l.o.isa = l.gate_up.isa = l.down.isa = isa_;
   }
 
   // Logits [1, vocab] for `token` at `position`; writes K/V of every layer not in `skip` at
@@ -526,7 +794,7 @@ class DraftModel {
     const float scale = 1.f / std::sqrt(static_cast<float>(hd));
     for (int64_t l = 0; l < L; ++l) {
       if (skipped[l]) continue;
-      const Layer& ly = layers_[l];
+      const Layer<Matrix>& ly = layers_[l];
       const torch::Tensor& kc = keys[l];
       const torch::Tensor& vc = values[l];
       TORCH_CHECK(kc.scalar_type() == torch::kFloat32 && vc.scalar_type() == torch::kFloat32 && kc.is_contiguous() &&
@@ -535,10 +803,9 @@ class DraftModel {
                   "KV cache of layer ", l, " does not fit position ", position);
       const int64_t capacity = kc.size(2);
       // attention
-      rms_norm(x.data(), ly.input_norm.data_ptr<float>(), D, eps_, h.data());
-      quantize(h.data(), D, xq);
+      rms_norm(x.data(), ly.input_norm.template data_ptr<float>(), D, eps_, h.data());
       qkv.resize(ly.qkv.n);
-      gemv(ly.qkv, xq, qkv.data());
+      product(ly.qkv, h.data(), xq, qkv.data());
       float* kbase = kc.data_ptr<float>();
       float* vbase = vc.data_ptr<float>();
       for (int64_t head = 0; head < H + KVH; ++head) {  // q heads, then k heads
@@ -556,8 +823,8 @@ class DraftModel {
           const int64_t g = head / group;
           const float* kg = kbase + g * capacity * hd;
           const float* vg = vbase + g * capacity * hd;
-          if (isa_ == ISA_AVX512_VNNI) {
-            attend_vnni(qkv.data() + head * hd, kg, vg, P, hd, scale, scores.data(), attn.data() + head * hd);
+          if (isa_ == ISA_AVX512_VNNI || isa_ == ISA_AVX512) {
+            attend_avx512(qkv.data() + head * hd, kg, vg, P, hd, scale, scores.data(), attn.data() + head * hd);
           } else if (isa_ == ISA_AVX2) {
             attend_avx2(qkv.data() + head * hd, kg, vg, P, hd, scale, scores.data(), attn.data() + head * hd);
           } else {
@@ -565,31 +832,27 @@ class DraftModel {
           }
         }
       });
-      quantize(attn.data(), H * hd, xq);
-      gemv(ly.o, xq, tmp.data());
+      product(ly.o, attn.data(), xq, tmp.data());
       for (int64_t i = 0; i < D; ++i) x[i] += tmp[i];
       // MLP
-      rms_norm(x.data(), ly.post_norm.data_ptr<float>(), D, eps_, h.data());
-      quantize(h.data(), D, xq);
+      rms_norm(x.data(), ly.post_norm.template data_ptr<float>(), D, eps_, h.data());
       gu.resize(ly.gate_up.n);
-      gemv(ly.gate_up, xq, gu.data());
+      product(ly.gate_up, h.data(), xq, gu.data());
       const int64_t inter = ly.gate_up.n / 2;
       act.resize(inter);
-      if (isa_ == ISA_AVX512_VNNI) {
-        silu_mul_vnni(gu.data(), gu.data() + inter, inter, act.data());
+      if (isa_ == ISA_AVX512_VNNI || isa_ == ISA_AVX512) {
+        silu_mul_avx512(gu.data(), gu.data() + inter, inter, act.data());
       } else if (isa_ == ISA_AVX2) {
         silu_mul_avx2(gu.data(), gu.data() + inter, inter, act.data());
       } else {
         silu_mul_generic(gu.data(), gu.data() + inter, inter, act.data());
       }
-      quantize(act.data(), inter, xq);
-      gemv(ly.down, xq, tmp.data());
+      product(ly.down, act.data(), xq, tmp.data());
       for (int64_t i = 0; i < D; ++i) x[i] += tmp[i];
     }
     rms_norm(x.data(), final_norm_.data_ptr<float>(), D, eps_, h.data());
-    quantize(h.data(), D, xq);
-    auto logits = torch::empty({1, head_.n}, torch::kFloat32);
-    gemv(head_, xq, logits.data_ptr<float>());
+    torch::Tensor logits = torch::empty({1, head_.n}, torch::kFloat32);
+    product(head_, h.data(), xq, logits.data_ptr<float>());
     return logits;
   }
 
@@ -601,19 +864,22 @@ class DraftModel {
   }
 
   torch::Tensor embed_, final_norm_;
-  Int8Matrix head_;
-  std::vector<Layer> layers_;
+  Matrix head_;
+  std::vector<Layer<Matrix>> layers_;
   int64_t heads_, kv_heads_, head_dim_, hidden_ = 0;
   float eps_;
   int64_t isa_;
 };
 
+using DraftModel = OneTokenModel<Int8Matrix>;
+using Fp32Model = OneTokenModel<Fp32Matrix>;
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "clasp: one int8 draft token per call on CPU";
+  m.doc() = "clasp: one int8 draft token per call on CPU, and fp32 few-row products";
   m.def("cpu_supports", &cpu_supports, py::arg("isa"),
-        "whether this CPU can run instruction set isa (0 portable, 1 AVX2, 2 AVX-512 VNNI)");
+        "whether this CPU can run instruction set isa (0 portable, 1 AVX2, 2 AVX-512 VNNI, 3 AVX-512F)");
   py::class_<Int8Matrix>(m, "Int8Matrix")
       .def(py::init([](torch::Tensor blocked, torch::Tensor scale, torch::Tensor rowsum, int64_t n, int64_t k,
                        c10::optional<torch::Tensor> bias, int64_t isa) {
@@ -625,6 +891,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "isa", [](const Int8Matrix& m) { return m.isa; },
           [](Int8Matrix& m, int64_t isa) { m.isa = checked_isa(isa, "int8 matrix"); })
       .def("forward", &Int8Matrix::forward, py::call_guard<py::gil_scoped_release>(), py::arg("x"));
+  py::class_<Fp32Matrix>(m, "Fp32Matrix")
+      .def(py::init([](torch::Tensor blocked, int64_t n, int64_t k, c10::optional<torch::Tensor> bias, int64_t isa) {
+             return make_fp32_matrix(blocked, n, k, bias, isa);
+           }),
+           py::arg("blocked"), py::arg("n"), py::arg("k"), py::arg("bias"), py::arg("isa"))
+      .def_property(
+          "isa", [](const Fp32Matrix& m) { return m.isa; },
+          [](Fp32Matrix& m, int64_t isa) { m.isa = checked_fp32_isa(isa, "fp32 matrix"); })
+      .def_property_readonly("shape", [](const Fp32Matrix& m) { return std::make_tuple(m.n, m.k); })
+      .def("forward", &Fp32Matrix::forward, py::call_guard<py::gil_scoped_release>(), py::arg("x"))
+      .def("__call__", &Fp32Matrix::forward, py::call_guard<py::gil_scoped_release>(), py::arg("x"));
   py::class_<DraftModel>(m, "DraftModel")
       .def(py::init<torch::Tensor, torch::Tensor, const Int8Matrix&, int64_t, int64_t, int64_t, double, int64_t>(),
            py::arg("embed"), py::arg("final_norm"), py::arg("head"), py::arg("num_heads"), py::arg("num_kv_heads"),
@@ -633,5 +910,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("num_layers", &DraftModel::num_layers)
       .def_property("isa", &DraftModel::isa, &DraftModel::set_isa)
       .def("forward", &DraftModel::forward, py::call_guard<py::gil_scoped_release>(), py::arg("token"),
+           py::arg("keys"), py::arg("values"), py::arg("position"), py::arg("cos"), py::arg("sin"), py::arg("skip"));
+  py::class_<Fp32Model>(m, "Fp32Model")
+      .def(py::init<torch::Tensor, torch::Tensor, const Fp32Matrix&, int64_t, int64_t, int64_t, double, int64_t>(),
+           py::arg("embed"), py::arg("final_norm"), py::arg("head"), py::arg("num_heads"), py::arg("num_kv_heads"),
+           py::arg("head_dim"), py::arg("eps"), py::arg("isa"))
+      .def("add_layer", &Fp32Model::add_layer)
+      .def_property_readonly("num_layers", &Fp32Model::num_layers)
+      .def_property("isa", &Fp32Model::isa, &Fp32Model::set_isa)
+      .def("forward", &Fp32Model::forward, py::call_guard<py::gil_scoped_release>(), py::arg("token"),
            py::arg("keys"), py::arg("values"), py::arg("position"), py::arg("cos"), py::arg("sin"), py::arg("skip"));
 }

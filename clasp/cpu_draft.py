@@ -8,6 +8,10 @@ matrices. It is compiled once with torch's extension builder into the cache dire
 after that. It has AVX-512 VNNI, AVX2 and portable code for the same integer arithmetic; which
 one runs is chosen by timing at load (clasp.draft_kernels). It only ever proposes tokens: the full model verifies them, so it changes speed and
 acceptance, never the output.
+
+The same extension has an fp32 matrix for the full model's few-row products (fp32_matrix): the
+weights in 16-row blocks, streamed once for all rows of a product (up to 16), in AVX-512F, AVX2
+or portable code, all plain fp32 arithmetic (they match torch's fp32 product to rounding).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ _module = None
 # kernel's codes (cpu_draft.cpp, enum Isa). All compute the same integer products; which one is
 # fastest on a given CPU is measured at load (clasp.draft_kernels), not assumed from the flags.
 ISAS = {"avx512-vnni": 2, "avx2": 1, "portable": 0}
+# The fp32 products' instruction sets (Fp32Matrix), with the same codes.
+FP32_ISAS = {"avx512": 3, "avx2": 1, "portable": 0}
 
 
 def cpu_flags() -> list[str]:
@@ -70,6 +76,12 @@ def supported_isas() -> list[str]:
     """The kernel's instruction sets this CPU can run (asked of the CPU by the compiled kernel)."""
     ext = load_extension()
     return [name for name, code in ISAS.items() if ext.cpu_supports(code)]
+
+
+def supported_fp32_isas() -> list[str]:
+    """The fp32 products' instruction sets this CPU can run, fastest first where present."""
+    ext = load_extension()
+    return [name for name, code in FP32_ISAS.items() if ext.cpu_supports(code)]
 
 
 def _isa_code(isa: str) -> int:
@@ -160,6 +172,30 @@ def int8_matrix(q: torch.Tensor, scale: torch.Tensor, isa: str = "portable"):
                           q.shape[0], q.shape[1], None, _isa_code(isa))
 
 
+def block_fp32(w: torch.Tensor) -> torch.Tensor:
+    """float32 [N, K] -> [ceil(N/16), K, 16], zero-padded rows: the fp32 kernel's layout, where each
+    64-byte line holds one input of 16 output rows."""
+    n, k = w.shape
+    n16 = -(-n // 16) * 16
+    padded = torch.zeros(n16, k, dtype=torch.float32)
+    padded[:n] = w.detach()
+    return padded.view(n16 // 16, 16, k).transpose(1, 2).contiguous()
+
+
+def fp32_matrix(w: torch.Tensor, isa: str = "portable", bias: torch.Tensor | None = None):
+    """The kernel's fp32 matrix for w [N, K] (copied into its blocked layout; w may be freed after):
+    `m(x)` or `m.forward(x)` is x [T, K] @ w.T (+ bias) as float32 [T, N], for any T (one pass
+    over the weights per 16 rows). `m.isa` is the FP32_ISAS code in use and can be switched.
+    Raises ValueError for an unknown `isa`, RuntimeError where this CPU cannot run it."""
+    if isa not in FP32_ISAS:
+        raise ValueError(f"isa must be one of {', '.join(FP32_ISAS)}, got {isa!r}")
+    if w.dim() != 2 or not w.dtype.is_floating_point or w.device.type != "cpu":
+        raise ValueError(f"expected a 2-D floating-point CPU matrix, got {tuple(w.shape)} {w.dtype} on {w.device}")
+    ext = load_extension()
+    return ext.Fp32Matrix(block_fp32(w.float()), w.shape[0], w.shape[1],
+                          None if bias is None else bias.float().contiguous(), FP32_ISAS[isa])
+
+
 class FusedDraft:
     """A draft token per call over a runner's int8 draft copy (Int8Weight with kernel matrices,
     which the copy's own torch-path products share), in one of the kernel's instruction sets
@@ -201,3 +237,45 @@ class FusedDraft:
             if len(self._skips) > 64:  # skip sets change every few rounds at most; keep the map small
                 self._skips = {skip_set: skip}
         return self._model.forward(token_id, cache.keys, cache.values, position, cos, sin, skip)
+
+
+class FusedFp32Step:
+    """A plain fp32 decode step per call: one token through every layer (bar a skip set), the
+    final norm and the lm_head in one C++ call, over Fp32Matrix copies of a runner's fp32 weights
+    (the model's arithmetic in fp32, as ModelRunner.forward, to rounding), in one of FP32_ISAS.
+    The copies cost the model's weight bytes again while the runner keeps its own.
+    """
+
+    def __init__(self, spec, embed: torch.Tensor, weights, isa: str = "portable") -> None:
+        if isa not in FP32_ISAS:
+            raise ValueError(f"isa must be one of {', '.join(FP32_ISAS)}, got {isa!r}")
+        matrices = weights.matrices()
+        if not all(isinstance(m, torch.Tensor) and m.dtype == torch.float32 for m in matrices):
+            raise ValueError("the fused fp32 step needs the runner's plain float32 weights")
+        ext = load_extension()
+        self._model = ext.Fp32Model(embed.float().contiguous(), weights.final_norm.float().contiguous(),
+                                    fp32_matrix(weights.lm_head, isa), spec.num_heads, spec.num_kv_heads,
+                                    spec.head_dim, spec.rms_norm_eps, FP32_ISAS[isa])
+        for lw in weights.layers:
+            if lw.q_norm is not None:
+                raise ValueError("the fused fp32 step does not support q/k norms (Qwen3)")
+            self._model.add_layer(fp32_matrix(lw.qkv, isa), lw.qkv_bias, fp32_matrix(lw.o, isa),
+                                  fp32_matrix(lw.gate_up, isa), fp32_matrix(lw.down, isa),
+                                  lw.input_norm.float().contiguous(), lw.post_norm.float().contiguous())
+
+    @property
+    def isa(self) -> str:
+        return next(name for name, c in FP32_ISAS.items() if c == self._model.isa)
+
+    @isa.setter
+    def isa(self, isa: str) -> None:
+        """Switch every product and helper; raises RuntimeError where the CPU lacks `isa`."""
+        if isa not in FP32_ISAS:
+            raise ValueError(f"isa must be one of {', '.join(FP32_ISAS)}, got {isa!r}")
+        self._model.isa = FP32_ISAS[isa]
+
+    def forward(self, token_id: int, cache: KVCache, position: int, cos: torch.Tensor, sin: torch.Tensor,
+                skip_set: frozenset[int] = frozenset()) -> torch.Tensor:
+        """Logits [1, vocab] (float32) for token_id at `position`; writes its KV (not cache.length).
+        cos/sin: the runner's rotary tables (sin signed as in model_runner.rope)."""
+        return self._model.forward(token_id, cache.keys, cache.values, position, cos, sin, sorted(skip_set))

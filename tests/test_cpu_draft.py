@@ -1,7 +1,8 @@
 """The one-call C++ CPU draft (clasp/cpu_draft.cpp): its int8 products against a reference of
 the same quantized arithmetic, its whole-token draft against the torch path over the same int8
 matrices, in every instruction set this CPU can run (each forced explicitly: AVX-512 VNNI, AVX2,
-portable loops). tests/test_draft_kernels.py checks each against the full model."""
+portable loops). tests/test_draft_kernels.py checks each against the full model. Its fp32
+few-row products (Fp32Matrix) against torch's fp32 product, in AVX-512F, AVX2 and portable code."""
 
 from __future__ import annotations
 
@@ -22,10 +23,17 @@ from clasp.model_runner import ModelRunner
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64"
                                 or shutil.which("c++") is None, reason="needs x86-64 Linux with a C++ compiler")
 ISAS = list(cpu_draft.ISAS)
+FP32_ISAS = list(cpu_draft.FP32_ISAS)
 
 
 def _isa_or_skip(isa: str) -> str:
     if isa not in cpu_draft.supported_isas():
+        pytest.skip(f"this CPU cannot run {isa}")
+    return isa
+
+
+def _fp32_isa_or_skip(isa: str) -> str:
+    if isa not in cpu_draft.supported_fp32_isas():
         pytest.skip(f"this CPU cannot run {isa}")
     return isa
 
@@ -137,3 +145,118 @@ def test_switching_instruction_sets_switches_every_matrix():
         runner.fused_draft.isa = isa
         assert runner.fused_draft.isa == isa
         assert {m.kernel.isa for m in runner.draft_weights.matrices()} == {cpu_draft.ISAS[isa]}
+
+
+# ---------------------------------------------------------------------- fp32 few-row products
+def _assert_fp32_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Within fp32 rounding of torch's product: only the order of the sums differs."""
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("isa", FP32_ISAS)
+@pytest.mark.parametrize("rows", [1, 2, 5, 9, 16])
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (37, 70)])  # qkv, down; padded rows, odd inputs
+def test_fp32_products_match_torch(isa, rows, shape):
+    torch.manual_seed(rows)
+    w, x = torch.randn(*shape), torch.randn(rows, shape[1])
+    matrix = cpu_draft.fp32_matrix(w, _fp32_isa_or_skip(isa))
+    assert matrix.isa == cpu_draft.FP32_ISAS[isa] and matrix.shape == shape
+    _assert_fp32_close(matrix(x), x @ w.T)
+    _assert_fp32_close(matrix.forward(x[:, :].T.contiguous().T), x @ w.T)  # a non-contiguous input
+
+
+@pytest.mark.parametrize("isa", FP32_ISAS)
+def test_fp32_products_past_16_rows_bias_and_large_values(isa):
+    """More rows than one pass (16) take several passes; a bias is added; values of very different
+    sizes (the model's outlier channels) keep fp32 accuracy."""
+    torch.manual_seed(7)
+    w, bias = torch.randn(100, 300), torch.randn(100)
+    w[:, :4] *= 1000.0
+    x = torch.randn(37, 300)
+    matrix = cpu_draft.fp32_matrix(w, _fp32_isa_or_skip(isa), bias=bias)
+    _assert_fp32_close(matrix(x), x @ w.T + bias)
+    assert matrix(x[:0]).shape == (0, 100)
+
+
+def test_fp32_instruction_sets_can_be_switched_and_agree():
+    torch.manual_seed(5)
+    w, x = torch.randn(200, 128), torch.randn(9, 128)
+    matrix = cpu_draft.fp32_matrix(w, "portable")
+    results = {}
+    for isa in cpu_draft.supported_fp32_isas():
+        matrix.isa = cpu_draft.FP32_ISAS[isa]
+        assert matrix.isa == cpu_draft.FP32_ISAS[isa]
+        results[isa] = matrix(x)
+    assert "portable" in results
+    for got in results.values():
+        _assert_fp32_close(got, results["portable"])
+
+
+def test_fp32_bad_calls_are_clear_errors():
+    w = torch.randn(8, 32)
+    matrix = cpu_draft.fp32_matrix(w)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        cpu_draft.fp32_matrix(w, "avx512-vnni")  # an int8 instruction set
+    with pytest.raises(ValueError, match="expected a 2-D floating-point CPU matrix"):
+        cpu_draft.fp32_matrix(torch.ones(8, dtype=torch.float32))
+    with pytest.raises(RuntimeError, match=r"expected float32 CPU input \[T, 32\]"):
+        matrix(torch.ones(2, 31))
+    with pytest.raises(RuntimeError, match="unknown fp32 instruction set 2"):
+        matrix.isa = cpu_draft.ISAS["avx512-vnni"]
+    with pytest.raises(RuntimeError, match="unknown instruction set 3"):
+        Int8Weight.quantize(torch.ones(8, 32), torch.float32, "clasp-portable").kernel.isa = 3
+
+
+# ---------------------------------------------------------------------- the fused fp32 step
+def _assert_step_matches(runner: ModelRunner, step: cpu_draft.FusedFp32Step, prompt: torch.Tensor,
+                         tokens: list[int], skip: frozenset[int] = frozenset()) -> None:
+    """Each token through the fused step and through ModelRunner.forward, on caches prefilled
+    alike: the logits within fp32 rounding, the same argmax, the same KV written."""
+    fused_cache, torch_cache = runner.new_cache(len(prompt) + len(tokens)), runner.new_cache(len(prompt) + len(tokens))
+    runner.forward(prompt, fused_cache, 0)
+    runner.forward(prompt, torch_cache, 0)
+    for i, token in enumerate(tokens):
+        position = len(prompt) + i
+        fused = step.forward(token, fused_cache, position, runner._rope_cos, runner._rope_sin, skip)
+        reference = runner.forward(torch.tensor([token]), torch_cache, position, skip)
+        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+        assert int(fused.argmax()) == int(reference.argmax())
+        for layer in range(runner.spec.num_layers):
+            torch.testing.assert_close(fused_cache.keys[layer][:, :, :position + 1],
+                                       torch_cache.keys[layer][:, :, :position + 1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fused_cache.values[layer][:, :, :position + 1],
+                                       torch_cache.values[layer][:, :, :position + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", FP32_ISAS)
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("skip", [frozenset(), frozenset({1, 2})])
+def test_fused_fp32_step_matches_the_runner(isa, model_type, skip):
+    runner = _tiny_runner(model_type)
+    step = cpu_draft.FusedFp32Step(runner.spec, runner.embed, runner.weights, _fp32_isa_or_skip(isa))
+    assert step.isa == isa
+    _assert_step_matches(runner, step, torch.arange(40, 77), [5, 250, 17], skip)
+
+
+def test_fused_fp32_step_matches_the_embedded_model():
+    """On the real model, in the fastest instruction set here: logits, argmax and KV of 3 steps."""
+    engine = Engine.load(None, ClaspConfig(draft_dtype=None), device="cpu", dtype="float32", pack_weights=False)
+    runner = engine.runner
+    step = cpu_draft.FusedFp32Step(runner.spec, runner.embed, runner.weights, cpu_draft.supported_fp32_isas()[0])
+    prompt = torch.tensor(engine.encode("Name three planets of the solar system."))
+    _assert_step_matches(runner, step, prompt, [int(t) for t in engine.encode("Mars, Venus", chat=False)])
+
+
+def test_fused_fp32_step_bad_calls_are_clear_errors():
+    runner = _tiny_runner("llama")
+    step = cpu_draft.FusedFp32Step(runner.spec, runner.embed, runner.weights, "portable")
+    cache = runner.new_cache(8)
+    with pytest.raises(RuntimeError, match="skipped layer 9 is out of range"):
+        step.forward(1, cache, 0, runner._rope_cos, runner._rope_sin, frozenset({9}))
+    with pytest.raises(RuntimeError, match="rotary tables do not cover position 8"):
+        step.forward(1, cache, 8, runner._rope_cos, runner._rope_sin)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        step.isa = "avx512-vnni"
+    with pytest.raises(ValueError, match="plain float32 weights"):
+        cpu_draft.FusedFp32Step(runner.spec, runner.embed, runner.weights.int8(torch.float32, "clasp-portable"))
