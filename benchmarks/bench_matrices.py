@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
 from benchmarks.bench_engine import git_commit, machine_info, measure_bandwidth  # noqa: E402
 from clasp import cpu_draft  # noqa: E402
 from clasp.loading import EMBEDDED_MODEL_NAME, embedded_model_dir  # noqa: E402
-from clasp.model_runner import PackedWeight  # noqa: E402
+from clasp.matrices import PackedWeight  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 

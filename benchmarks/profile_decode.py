@@ -50,7 +50,8 @@ from benchmarks.bench_engine import git_commit, machine_info, measure_bandwidth 
 from clasp import cpu_draft  # noqa: E402
 from clasp.config import ClaspConfig  # noqa: E402
 from clasp.engine import Engine  # noqa: E402
-from clasp.model_runner import MATRICES, Weights, head_logits, linear, nbytes, rms_norm, rope  # noqa: E402
+from clasp.matrices import linear, nbytes  # noqa: E402
+from clasp.model_runner import MATRICES, Weights, rms_norm, rope  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 CONTEXT_TEXT = ("The history of astronomy is the story of people looking up and trying to explain what they saw: "
@@ -122,7 +123,7 @@ def torch_product(weights: Weights):
     """The runner's own products: linear() on `weights`' matrices (and head_logits for the lm_head)."""
     def product(x, name, lw):
         if lw is None:
-            return head_logits(x, weights.lm_head)
+            return _head_logits(x, weights.lm_head)
         return linear(x, getattr(lw, name), lw.qkv_bias if name == "qkv" else None)
     return product
 
@@ -152,6 +153,10 @@ def profiler_table(runner, token_id: int, cache, position: int, steps: int = 5) 
             for e in prof.key_averages()]
     rows.sort(key=lambda r: -r["self_ms_per_step"])
     return rows[:20]
+
+
+def _head_logits(x, head):
+    return linear(x, head).float()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,6 +189,7 @@ def fp32_matrix(w: torch.Tensor, isa: str = "portable", bias: torch.Tensor | Non
     Raises ValueError for an unknown `isa`, RuntimeError where this CPU cannot run it."""
     if isa not in FP32_ISAS:
         raise ValueError(f"isa must be one of {', '.join(FP32_ISAS)}, got {isa!r}")
+    w = getattr(w, "weight", w)  # a clasp.matrices.DenseMatrix, or a bare tensor
     if w.dim() != 2 or not w.dtype.is_floating_point or w.device.type != "cpu":
         raise ValueError(f"expected a 2-D floating-point CPU matrix, got {tuple(w.shape)} {w.dtype} on {w.device}")
     ext = load_extension()
@@ -249,18 +250,23 @@ class FusedFp32Step:
     def __init__(self, spec, embed: torch.Tensor, weights, isa: str = "portable") -> None:
         if isa not in FP32_ISAS:
             raise ValueError(f"isa must be one of {', '.join(FP32_ISAS)}, got {isa!r}")
-        matrices = weights.matrices()
+        from clasp.matrices import DenseMatrix
+
+        def plain(m):  # the runner's dense matrices (clasp.matrices) or bare tensors
+            return m.weight if isinstance(m, DenseMatrix) else m
+
+        matrices = [plain(m) for m in weights.matrices()]
         if not all(isinstance(m, torch.Tensor) and m.dtype == torch.float32 for m in matrices):
             raise ValueError("the fused fp32 step needs the runner's plain float32 weights")
         ext = load_extension()
         self._model = ext.Fp32Model(embed.float().contiguous(), weights.final_norm.float().contiguous(),
-                                    fp32_matrix(weights.lm_head, isa), spec.num_heads, spec.num_kv_heads,
+                                    fp32_matrix(plain(weights.lm_head), isa), spec.num_heads, spec.num_kv_heads,
                                     spec.head_dim, spec.rms_norm_eps, FP32_ISAS[isa])
         for lw in weights.layers:
             if lw.q_norm is not None:
                 raise ValueError("the fused fp32 step does not support q/k norms (Qwen3)")
-            self._model.add_layer(fp32_matrix(lw.qkv, isa), lw.qkv_bias, fp32_matrix(lw.o, isa),
-                                  fp32_matrix(lw.gate_up, isa), fp32_matrix(lw.down, isa),
+            self._model.add_layer(fp32_matrix(plain(lw.qkv), isa), lw.qkv_bias, fp32_matrix(plain(lw.o), isa),
+                                  fp32_matrix(plain(lw.gate_up), isa), fp32_matrix(plain(lw.down), isa),
                                   lw.input_norm.float().contiguous(), lw.post_norm.float().contiguous())
 
     @property
