@@ -11,16 +11,16 @@ MODES = ("ar", "clasp", "static")
 # other field is fixed when the server starts, and draft_dtype when the model is loaded).
 REQUEST_FIELDS = ("mode", "replan_interval", "num_skip_layers", "max_draft_length", "adaptive", "ngram_size",
                   "adaptive_skip")
-# The draft's weight copy. auto: int8 on CPU (on the dev CPU an int8 draft token costs ~12 ms
-# against ~16 ms in fp16, for 95.6% acceptance against 97.5%; float16 where this torch build has
-# no int8 kernel), float16 elsewhere; a float copy is made only when smaller than the model's
-# dtype. None: the draft shares the full weights.
+# The draft's weight copy. auto: int8 on CPU (cheaper per draft token than fp16 for nearly the same
+# acceptance: docs/performance.md, "Defaults"; float16 where this torch build has no int8 kernel),
+# float16 elsewhere; a float copy is made only when smaller than the model's dtype. None: the
+# draft shares the full weights.
 DRAFT_DTYPES = ("auto", "int8", "float16", "bfloat16", "float32", None)
 DRAFT_DTYPE_CHOICES = tuple(d or "none" for d in DRAFT_DTYPES)  # as command lines spell them
 PACK_WEIGHTS = {"auto": None, "on": True, "off": False}  # command-line spelling of Engine.load's pack_weights
 PACK_WEIGHTS_HELP = ("keep a oneDNN-prepacked copy of fp32 CPU weights for products of 3+ rows (verification, "
-                     "prefill, DP): 5-row verification 45 -> 30 ms on the dev CPU, for the weights' bytes again "
-                     "in memory; auto: on where available and it fits in a quarter of RAM")
+                     "prefill, DP), for the weights' bytes again in memory (what it saves: docs/performance.md); "
+                     "auto: on where available and it fits in a quarter of RAM")
 
 # Upper bounds on what one request may ask for: each sizes memory or work per round, so an
 # unbounded value lets one request take the process (max_draft_length 1e8 took 2.2 GB more).
@@ -62,8 +62,8 @@ class ClaspConfig:
     shared_draft_skip_ratio: float = 0.5
     copied_draft_skip_ratio: float = 0.0
     max_draft_length: int = 8  # K, tokens drafted per round at most
-    # Stop drafting when the draft's top probability falls below this. With the 5 ms fused int8
-    # draft (2 per category, one run each): 0.6 1.55x, 0.4 1.62x, 0.25 1.77x, 0.1 1.77x over ar.
+    # Stop drafting when the draft's top probability falls below this: with a draft as cheap as the
+    # fused int8 one, long drafts pay, so the threshold is low (sweep: README, "Defaults, and why").
     draft_exit_threshold: float = 0.25
     replan_interval: int = 32  # LOI, in rounds that draft with the model (a plan serves only those)
     static_skip_set: tuple[int, ...] | None = None  # static mode; None -> evenly spread middle layers

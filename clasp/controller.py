@@ -81,7 +81,7 @@ class AcceptanceStats:
 class VerifyCost:
     """Verification seconds by rows: a decayed mean per row count seen, else the line
     v(r) = v1 + slope * (r - 1) from decayed least squares over all (rows, seconds). BLAS kernels
-    make the cost uneven in r (on the dev CPU 1 and 2 rows cost the same, 9 rows 40% more than 8)."""
+    make the cost uneven in r (row-count cliffs are measured in docs/performance.md)."""
 
     def __init__(self, decay: float) -> None:
         self.decay = decay

@@ -1,7 +1,7 @@
 """The one-call int8 CPU draft: build, load and run `cpu_draft.cpp`.
 
-A draft token through torch ops costs ~12 ms on the dev CPU with the embedded model, of which
-~6 ms is streaming the int8 weights; the rest is per-op overhead. The C++ kernel runs the whole
+A draft token through torch ops spends about half its time on per-op overhead rather than on
+streaming the int8 weights (docs/performance.md, "CPU kernels"). The C++ kernel runs the whole
 token (every non-skipped layer, the final norm and the lm_head) in one call over the same int8
 matrices. It is compiled once with torch's extension builder into the cache directory
 (`python -m clasp build-kernels`, part of `make setup`; ~1 minute) and loaded in milliseconds
