@@ -289,8 +289,8 @@ constexpr int64_t FP32_MAX_ROWS = 16;
 constexpr int64_t FP32_AVX2_ROWS = 6;  // AVX2: 6 rows x 2 halves of a line = 12 of 16 ymm registers
 constexpr int64_t FP32_K_TILE = 256;   // AVX2 passes over more rows re-read a 16 KiB tile from L1
 // Lines requested into L2 this far ahead of use (8 KiB): more misses in flight than the hardware
-// prefetcher keeps, which stops at page boundaries. Measured on the dev Xeon: one thread 8-13%
-// faster for one row, 25-35% for 5-9 rows; 64 and 256 lines did no better.
+// prefetcher keeps, which stops at 4 KiB page boundaries (measured: docs/performance.md, "Beside
+// llama.cpp").
 constexpr int64_t FP32_PREFETCH_LINES = 128;
 
 inline void prefetch_line(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
