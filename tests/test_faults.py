@@ -52,6 +52,12 @@ def _pending(admin) -> int:
         return 0
 
 
+def _delivered_to(admin, consumer: str) -> int:
+    """Entries pending for `consumer`, after reading any still undelivered under its name."""
+    admin.xreadgroup(PLANNER_GROUP, consumer, {PLAN_REQUEST_STREAM: ">"}, count=100)
+    return _pending(admin)
+
+
 def _consumers(admin) -> set[str]:
     return {c["name"].decode() for c in admin.xinfo_consumers(PLAN_REQUEST_STREAM, PLANNER_GROUP)}
 
@@ -64,16 +70,19 @@ def test_planner_sigkill_with_requests_pending(faults, engine):
         client.generate(PROMPT, session_id="warm-fault", max_new_tokens=8, **DP)
         wait_for(lambda: admin.exists(PLAN_REQUEST_STREAM) and _pending(admin) == 0, 60, "the planner idle")
         planner = faults["planner"].proc
-        planner.send_signal(signal.SIGSTOP)  # blocked in XREADGROUP: Redis still delivers to it
+        planner.send_signal(signal.SIGSTOP)
         try:
             result = client.generate(PROMPT, session_id="orphaned", max_new_tokens=32, **DP)
             assert result.token_ids == ar_reference(engine, PROMPT, 32)
-            wait_for(lambda: _pending(admin) > 0, 20, "requests delivered to the stopped planner")
+            # The state a planner leaves when it dies mid-work: entries delivered to it, never
+            # acknowledged. A planner stopped inside its blocking read holds them already; one stopped
+            # between reads does not, so what is still undelivered is read under its name here.
+            wait_for(lambda: _delivered_to(admin, "planner-1") > 0, 20, "requests delivered to the stopped planner")
         finally:
             planner.send_signal(signal.SIGKILL)
             planner.wait(30)
+            faults["planner"] = start_planner(faults["tmp"], faults["planner_port"], "planner-2", faults["redis"].port)
         assert _pending(admin) > 0
-        faults["planner"] = start_planner(faults["tmp"], faults["planner_port"], "planner-2", faults["redis"].port)
         wait_for(lambda: _pending(admin) == 0, 120, "the pending requests claimed and acknowledged")
         wait_for(lambda: admin.get(plan_key("orphaned")), 30, "the orphaned session's plan")
         wait_for(lambda: "planner-1" not in _consumers(admin), 60, "the dead consumer removed")
