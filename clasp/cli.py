@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from clasp.config import (DRAFT_DTYPE_CHOICES, DRAFT_KERNEL_HELP, DRAFT_KERNELS, FUSED_DRAFT, FUSED_DRAFT_HELP, MODES, PACK_WEIGHTS, PACK_WEIGHTS_HELP,
+from clasp.config import (DRAFT_DTYPE_CHOICES, DRAFT_KERNEL_HELP, DRAFT_KERNELS, FP32_KERNEL_HELP, FP32_KERNELS, FUSED_DRAFT, FUSED_DRAFT_HELP, MODES, PACK_WEIGHTS, PACK_WEIGHTS_HELP,
                           ClaspConfig, SamplingParams)
 
 DEFAULTS = ClaspConfig()
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pack-weights", choices=list(PACK_WEIGHTS), default="auto", help=PACK_WEIGHTS_HELP)
     g.add_argument("--fused-draft", choices=list(FUSED_DRAFT), default="auto", help=FUSED_DRAFT_HELP)
     g.add_argument("--draft-kernel", choices=("auto",) + DRAFT_KERNELS, default="auto", help=DRAFT_KERNEL_HELP)
+    g.add_argument("--fp32-kernel", choices=("auto",) + FP32_KERNELS, default="auto", help=FP32_KERNEL_HELP)
     g = gen.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (exact); > 0 samples, losslessly")
@@ -101,7 +102,8 @@ def _generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     engine = Engine.load(args.model, config, device=args.device, dtype=args.dtype,
                          pack_weights=PACK_WEIGHTS[args.pack_weights], fused_draft=FUSED_DRAFT[args.fused_draft],
-                         draft_kernel=None if args.draft_kernel == "auto" else args.draft_kernel)
+                         draft_kernel=None if args.draft_kernel == "auto" else args.draft_kernel,
+                         fp32_kernel=None if args.fp32_kernel == "auto" else args.fp32_kernel)
     prompt_ids = engine.encode(prompt, chat=not args.raw)
     result = None
     for chunk in engine.stream(prompt_ids, params):

@@ -45,6 +45,13 @@ FUSED_DRAFT_HELP = ("which int8 CPU draft kernels may be chosen: on: the one-cal
 FUSED_DRAFT_KERNELS = ("fused-avx512-vnni", "fused-avx2", "fused-portable")
 TORCH_DRAFT_KERNELS = ("torch-fbgemm", "torch-fbgemm-7bit")
 DRAFT_KERNELS = FUSED_DRAFT_KERNELS + TORCH_DRAFT_KERNELS
+# The fp32 CPU model's few-row products (clasp.fp32_kernels): torch's own, or the blocked C++ kernel
+# in one instruction set.
+FP32_KERNELS = ("torch", "clasp-avx512", "clasp-avx2", "clasp-portable")
+FP32_KERNEL_HELP = ("the fp32 CPU model's products of 1-32 rows (decoding, verification) and its plain step: "
+                    "auto: chosen at load by timing against torch and an accuracy check, recorded per machine; "
+                    "torch: torch's own; clasp-<isa>: the blocked C++ kernel (clasp/cpu_draft.cpp) in that "
+                    "instruction set for every few-row product, with plain steps in one call")
 DRAFT_KERNEL_HELP = ("force one int8 CPU draft kernel instead of choosing by measurement at load ("
                      + ", ".join(DRAFT_KERNELS) + "); auto: measure")
 

@@ -248,25 +248,29 @@ class FusedFp32Step:
     """
 
     def __init__(self, spec, embed: torch.Tensor, weights, isa: str = "portable") -> None:
+        """weights: the runner's full weights. Matrices with a blocked copy already
+        (clasp.matrices.BlockedFp32Weight) share its kernel, so the step costs no memory and
+        follows its instruction set; plain ones are copied."""
         if isa not in FP32_ISAS:
             raise ValueError(f"isa must be one of {', '.join(FP32_ISAS)}, got {isa!r}")
-        from clasp.matrices import DenseMatrix
+        from clasp.matrices import BlockedFp32Weight, DenseMatrix
 
-        def plain(m):  # the runner's dense matrices (clasp.matrices) or bare tensors
-            return m.weight if isinstance(m, DenseMatrix) else m
+        def kernel(m):
+            if isinstance(m, BlockedFp32Weight):
+                return m.kernel
+            w = m.weight if isinstance(m, DenseMatrix) else m
+            if not isinstance(w, torch.Tensor) or w.dtype != torch.float32:
+                raise ValueError("the fused fp32 step needs the runner's plain float32 weights")
+            return fp32_matrix(w, isa)
 
-        matrices = [plain(m) for m in weights.matrices()]
-        if not all(isinstance(m, torch.Tensor) and m.dtype == torch.float32 for m in matrices):
-            raise ValueError("the fused fp32 step needs the runner's plain float32 weights")
         ext = load_extension()
         self._model = ext.Fp32Model(embed.float().contiguous(), weights.final_norm.float().contiguous(),
-                                    fp32_matrix(plain(weights.lm_head), isa), spec.num_heads, spec.num_kv_heads,
+                                    kernel(weights.lm_head), spec.num_heads, spec.num_kv_heads,
                                     spec.head_dim, spec.rms_norm_eps, FP32_ISAS[isa])
         for lw in weights.layers:
             if lw.q_norm is not None:
                 raise ValueError("the fused fp32 step does not support q/k norms (Qwen3)")
-            self._model.add_layer(fp32_matrix(plain(lw.qkv), isa), lw.qkv_bias, fp32_matrix(plain(lw.o), isa),
-                                  fp32_matrix(plain(lw.gate_up), isa), fp32_matrix(plain(lw.down), isa),
+            self._model.add_layer(kernel(lw.qkv), lw.qkv_bias, kernel(lw.o), kernel(lw.gate_up), kernel(lw.down),
                                   lw.input_norm.float().contiguous(), lw.post_norm.float().contiguous())
 
     @property

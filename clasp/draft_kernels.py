@@ -20,17 +20,14 @@ The draft only proposes tokens, so the choice changes speed and acceptance, neve
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from clasp.loading import cache_dir
+from clasp import calibration_cache
 from clasp.config import DRAFT_KERNELS, FUSED_DRAFT_KERNELS as FUSED, TORCH_DRAFT_KERNELS as TORCH
 from clasp.model_runner import ModelRunner
 
@@ -265,40 +262,29 @@ def _describe(c: Candidate) -> str:
 
 def cache_path(model_identity: str, candidates: list[str]) -> Path:
     """Where this machine's choice for this model and candidate list is kept: keyed by everything
-    the measurement depends on (CPU model and flags, torch, the kernel's source, the model's
-    identity and shapes, the calibration text and the rule), so any change measures anew."""
-    from clasp import cpu_draft
-
-    key = json.dumps({"cpu": cpu_draft.cpu_name(), "flags": cpu_draft.cpu_flags(), "torch": torch.__version__,
-                      "kernel": hashlib.sha256(cpu_draft.SOURCE.read_bytes()).hexdigest(), "model": model_identity,
-                      "candidates": candidates, "text": CALIBRATION_TEXT,
-                      "rule": [AGREEMENT_MARGIN, MIN_AGREEMENT, WARM_UP_TOKENS, GIVE_UP_RATIO, GIVE_UP_MIN_AGREEMENT,
-                               TIMED_BEFORE_GIVING_UP], "threads": torch.get_num_threads()}, sort_keys=True)
-    return cache_dir() / "calibration" / f"draft-kernel-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    the measurement depends on (clasp.calibration_cache.machine_key, the model's identity and
+    shapes, the calibration text and the rule), so any change measures anew."""
+    return calibration_cache.record_path("draft-kernel", {
+        "model": model_identity, "candidates": candidates, "text": CALIBRATION_TEXT,
+        "rule": [AGREEMENT_MARGIN, MIN_AGREEMENT, WARM_UP_TOKENS, GIVE_UP_RATIO, GIVE_UP_MIN_AGREEMENT,
+                 TIMED_BEFORE_GIVING_UP]})
 
 
 def choose_cached(runner: ModelRunner, ids: torch.Tensor, candidates: list[str],
                   model_identity: str) -> DraftKernelChoice:
-    """choose(), measured once per machine: a later load of the same model with the same
-    candidates installs the recorded choice without measuring (CLASP_RECALIBRATE=1 measures
-    anyway). Measuring costs seconds of every start; the cache is a small JSON file, written
-    atomically, and a read-only or missing cache directory only means measuring each time."""
+    """choose(), measured once per machine (clasp.calibration_cache): a later load of the same
+    model with the same candidates installs the recorded choice without measuring."""
     path = cache_path(model_identity, candidates)
-    if path.exists() and os.environ.get("CLASP_RECALIBRATE", "") in ("", "0"):
+    record = calibration_cache.read(path)
+    if record is not None:
         try:
-            choice = DraftKernelChoice.from_dict(json.loads(path.read_text()))
+            choice = DraftKernelChoice.from_dict(record)
             if choice.chosen in candidates:
                 DraftCopies(runner).install(choice.chosen)
                 log.info("draft kernel %s (measured earlier on this machine: %s)", choice.chosen, path)
                 return choice
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
             log.warning("ignoring the draft kernel calibration cache %s (%s): measuring", path, e)
     choice = choose(runner, ids, candidates)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(choice.as_dict(), indent=1))
-        os.replace(tmp, path)
-    except OSError as e:
-        log.info("draft kernel choice not cached (%s)", e)
+    calibration_cache.write(path, choice.as_dict())
     return choice

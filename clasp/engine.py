@@ -40,7 +40,8 @@ class Engine:
     @classmethod
     def load(cls, model_path: str | os.PathLike | None = None, config: ClaspConfig | None = None,
              device: str | None = None, dtype: str | None = None, pack_weights: bool | None = None,
-             fused_draft: bool | None = None, draft_kernel: str | None = None) -> "Engine":
+             fused_draft: bool | None = None, draft_kernel: str | None = None,
+             fp32_kernel: str | None = None) -> "Engine":
         """The model's matrices, multi-row copy and draft copy are chosen by the device's backend
         (clasp.backends) from these options.
         pack_weights: keep a oneDNN-prepacked copy of the fp32 weights for verification
@@ -49,7 +50,10 @@ class Engine:
         fused_draft: an int8 CPU draft's kernel is chosen at load by timing and an accuracy check
         (clasp.draft_kernels); None: among all this machine can run, True: among the one-call
         C++ draft's instruction sets only, False: among torch ops' only.
-        draft_kernel: exactly this one of draft_kernels.DRAFT_KERNELS (still measured and logged)."""
+        draft_kernel: exactly this one of draft_kernels.DRAFT_KERNELS (still measured and logged).
+        fp32_kernel: the fp32 CPU model's few-row products and plain step (clasp.fp32_kernels): None
+        chosen by timing and an accuracy check, "torch" torch's own, "clasp-<isa>" the blocked kernel
+        in that instruction set for every few-row product."""
         config = config or ClaspConfig()
         dev = resolve_device(device)
         model, tokenizer = load_model(model_path, resolve_dtype(dtype, dev), dev)
@@ -61,7 +65,7 @@ class Engine:
         calibration_ids = torch.tensor(tokenizer(draft_kernels.CALIBRATION_TEXT)["input_ids"], device=runner.device)
         backend = backends.for_device(runner.device)
         options = LoadOptions(config.draft_torch_dtype(runner.device.type), config.draft_dtype, pack_weights,
-                              fused_draft, draft_kernel, calibration_ids,
+                              fused_draft, draft_kernel, fp32_kernel, calibration_ids,
                               shaped_identity(model_identity(model_path), runner.spec))
         choice = backend.prepare(runner, options)
         runner.backend = backend

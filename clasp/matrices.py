@@ -6,6 +6,7 @@ backend (clasp.backends), which also measures what the choice depends on. Kinds:
 
   DenseMatrix   a plain tensor in any dtype and device, with the few-row product form and, on CPU,
                 the option of computing a single row as two (the backend measures it per shape)
+  BlockedFp32Weight  an fp32 CPU matrix with a blocked copy for clasp.cpu_draft's few-row kernel
   PackedWeight  an fp32 CPU matrix prepacked in oneDNN's blocked layout (products of 3+ rows)
   Int8Weight    a weight-only int8 matrix for the draft copy (fbgemm, clasp.cpu_draft's kernel, or
                 torch's int8-weight kernel)
@@ -69,6 +70,44 @@ class DenseMatrix:
 
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
+
+
+class BlockedFp32Weight(DenseMatrix):
+    """An fp32 CPU matrix with a second copy in clasp.cpu_draft's blocked layout, whose kernel
+    (`cpu_draft.Fp32Matrix`, one pass over the weights for up to 16 rows) computes products of
+    `min_rows` to `max_rows` rows; other row counts (prefill, the DP's wide batches) take the plain
+    matrix's path. The CPU backend sets the range and the kernel's instruction set by timing and an
+    accuracy check at load (clasp.fp32_kernels); max_rows 0 turns the kernel off."""
+
+    __slots__ = ("kernel", "min_rows", "max_rows")
+
+    def __init__(self, weight: torch.Tensor, kernel, min_rows: int = 1, max_rows: int = 16,
+                 pad_single_row: bool = False) -> None:
+        super().__init__(weight, pad_single_row)
+        self.kernel = kernel
+        self.min_rows, self.max_rows = min_rows, max_rows
+
+    @classmethod
+    def block(cls, w: "torch.Tensor | DenseMatrix", isa: str) -> "BlockedFp32Weight":
+        """w with its blocked copy for instruction set `isa` (clasp.cpu_draft.FP32_ISAS)."""
+        from clasp.cpu_draft import fp32_matrix
+
+        dense = w if isinstance(w, DenseMatrix) else DenseMatrix(w)
+        return cls(dense.weight, fp32_matrix(dense.weight, isa), pad_single_row=dense.pad_single_row)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.min_rows <= x.shape[0] <= self.max_rows and x.dtype == torch.float32:
+            return self.kernel.forward(x)
+        return super().__call__(x)
+
+    def to(self, dtype: torch.dtype) -> DenseMatrix:
+        return DenseMatrix(self.weight.to(dtype).contiguous())
+
+    def nbytes(self) -> int:  # a product reads one of the two copies
+        return self.weight.numel() * self.weight.element_size()
+
+    def stored_nbytes(self) -> int:
+        return 2 * self.nbytes()
 
 
 class Fp32LogitsMatrix(DenseMatrix):

@@ -153,6 +153,9 @@ class ModelRunner:
         self.multi_row_weights = weights  # for 3+ rows (full_weights); replaced by set_multi_row_weights
         self.packed_min_rows = PackedWeight.MIN_ROWS  # rows from which multi_row_weights is used (calibrated)
         self.fused_draft = None  # clasp.cpu_draft.FusedDraft: one C++ call per draft token (enable_fused_draft)
+        # clasp.cpu_draft.FusedFp32Step: a one-token pass of the full weights (a plain step, or a draft
+        # token where the draft shares them) in one C++ call (enable_fused_step)
+        self.fused_step = None
         self.backend = None  # the clasp.backends backend that prepared these weights (None: plain, as loaded)
         # Up to this many requests draft through the fused draft one call each; more share torch ops
         # over the same int8 copy, whose products read the weights once for all rows (the CPU backend
@@ -260,6 +263,19 @@ class ModelRunner:
         self.fused_draft = FusedDraft(self.spec, self.embed, draft, isa)
         self.draft_weights = draft
 
+    def enable_fused_step(self, isa: str = "portable") -> None:
+        """Run one-token passes of the full weights through the one-call fp32 kernel
+        (clasp.cpu_draft.FusedFp32Step) in instruction set `isa`, sharing the matrices' blocked
+        copies where they have them. Raises ValueError for models it does not cover and
+        RuntimeError where the kernel cannot be built or the CPU cannot run `isa`."""
+        from clasp.cpu_draft import FusedFp32Step
+
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError(f"the one-call step needs a float32 model on CPU, not {self.dtype} on {self.device.type}")
+        if self.weights.layers[0].q_norm is not None:
+            raise ValueError("the one-call step does not support models with q/k norms (Qwen3)")
+        self.fused_step = FusedFp32Step(self.spec, self.embed, self.weights, isa)
+
     def set_multi_row_weights(self, weights: Weights, min_rows: int) -> None:
         """Use `weights` (e.g. a prepacked copy) for products of min_rows rows or more."""
         self.multi_row_weights, self.packed_min_rows = weights, min_rows
@@ -357,6 +373,13 @@ class ModelRunner:
         for s in segments:
             if s.start + s.num_tokens > cache.max_length:
                 raise ValueError(f"KV cache overflow: position {s.start + s.num_tokens} > capacity {cache.max_length}")
+        if (self.fused_step is not None and len(segments) == 1 and segments[0].num_tokens == 1
+                and hidden_states is None and not (draft and self.draft_has_copy)):
+            seg = segments[0]
+            logits = self.fused_step.forward(int(seg.token_ids[0]), cache.slot_view(seg.slot), seg.start,
+                                             self._rope_cos, self._rope_sin, seg.skip_set)
+            cache.lengths[seg.slot] = seg.start + 1
+            return logits
         if self.static_steps is not None:
             logits = self.static_steps.forward(segments, cache, draft, last_only, hidden_states)
             if logits is not None:

@@ -9,7 +9,7 @@ import grpc
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from clasp.config import (DRAFT_DTYPE_CHOICES, DRAFT_KERNEL_HELP, DRAFT_KERNELS, FUSED_DRAFT, FUSED_DRAFT_HELP, MODES,
+from clasp.config import (DRAFT_DTYPE_CHOICES, DRAFT_KERNEL_HELP, DRAFT_KERNELS, FP32_KERNEL_HELP, FP32_KERNELS, FUSED_DRAFT, FUSED_DRAFT_HELP, MODES,
                           PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig)
 from clasp.engine import Engine
 from clasp.backends.cpu import single_row_choices
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=FUSED_DRAFT_HELP + " [CLASP_FUSED_DRAFT]")
     p.add_argument("--draft-kernel", default=env("DRAFT_KERNEL", "auto"), choices=("auto",) + DRAFT_KERNELS,
                    help=DRAFT_KERNEL_HELP + " [CLASP_DRAFT_KERNEL]")
+    p.add_argument("--fp32-kernel", default=env("FP32_KERNEL", "auto"), choices=("auto",) + FP32_KERNELS,
+                   help=FP32_KERNEL_HELP + " [CLASP_FP32_KERNEL]")
     p.add_argument("--max-concurrent", type=int, default=int(env("MAX_CONCURRENT", 8)),
                    help="streams decoding at once, as one batch: each round drafts and verifies all of them in "
                         "shared forward passes; each holds a KV slot of --slot-tokens positions [CLASP_MAX_CONCURRENT]")
@@ -112,7 +114,8 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         engine = await stop.unless_stopped(loop.run_in_executor(
             torch_thread, Engine.load, args.model, config, args.device, args.dtype, PACK_WEIGHTS[args.pack_weights],
-            FUSED_DRAFT[args.fused_draft], None if args.draft_kernel == "auto" else args.draft_kernel))
+            FUSED_DRAFT[args.fused_draft], None if args.draft_kernel == "auto" else args.draft_kernel,
+            None if args.fp32_kernel == "auto" else args.fp32_kernel))
         if args.redis_url:
             bus = PlanBus(redis_client(args.redis_url), engine.identity, engine.runner.spec.num_layers, metrics=metrics)
             bus.start()
@@ -128,7 +131,8 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("serving", model=engine.identity, redis=bool(bus),
              draft_kernel=engine.draft_kernel.as_dict() if engine.draft_kernel else None,
              packed_weights_mib=engine.runner.packed_nbytes >> 20,
-             packed_from_rows=engine.runner.packed_min_rows, single_row_as_two=single_row_choices())
+             packed_from_rows=engine.runner.packed_min_rows, single_row_as_two=single_row_choices(),
+             fp32_kernel=engine.runner.backend.describe().get("fp32_kernel"))
 
     await stop.wait()
     log.info("draining", grace_period_s=args.grace_period_s, in_flight=servicer.in_flight())

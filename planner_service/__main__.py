@@ -12,7 +12,7 @@ import redis
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from clasp.config import PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig
+from clasp.config import FP32_KERNEL_HELP, FP32_KERNELS, PACK_WEIGHTS, PACK_WEIGHTS_HELP, ClaspConfig
 from clasp.engine import Engine
 from clasp_serve.v1 import clasp_pb2 as pb
 from clasp_serve.v1 import clasp_pb2_grpc as pb_grpc
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=int(env("THREADS", 0)), help="torch CPU threads [CLASP_THREADS]")
     p.add_argument("--pack-weights", default=env("PACK_WEIGHTS", "auto"), choices=list(PACK_WEIGHTS),
                    help=PACK_WEIGHTS_HELP + " [CLASP_PACK_WEIGHTS]")
+    p.add_argument("--fp32-kernel", default=env("FP32_KERNEL", "auto"), choices=("auto",) + FP32_KERNELS,
+                   help=FP32_KERNEL_HELP + " [CLASP_FP32_KERNEL]")
     p.add_argument("--max-sessions", type=int, default=int(env("MAX_SESSIONS", 256)),
                    help="session contexts kept (LRU) [CLASP_MAX_SESSIONS]")
     p.add_argument("--max-context-mib", type=int, default=int(env("MAX_CONTEXT_MIB", 1024)),
@@ -117,7 +119,7 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         engine = await stop.unless_stopped(asyncio.get_running_loop().run_in_executor(
             torch_thread, Engine.load, args.model, ClaspConfig(draft_dtype=None), args.device, args.dtype,
-            PACK_WEIGHTS[args.pack_weights]))
+            PACK_WEIGHTS[args.pack_weights], None, None, None if args.fp32_kernel == "auto" else args.fp32_kernel))
     except StoppedBeforeReady:
         await server.stop(0)
         raise

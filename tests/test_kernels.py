@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from clasp.config import ClaspConfig, SamplingParams
 from clasp.engine import Engine
 from clasp.backends.cpu import pack_weights
-from clasp.matrices import Int8Weight, linear
+from clasp.matrices import BlockedFp32Weight, Int8Weight, linear
 from clasp.model_runner import ModelRunner
 
 
@@ -72,9 +72,14 @@ def test_draft_dtype_auto_is_int8_on_cpu_only():
 
 def test_fp16_draft_without_packing_matches_ar(engine):
     """The other load-time choices: a float16 draft copy and unpacked (MKL) verification."""
-    other = Engine.load(None, ClaspConfig(draft_dtype="float16"), device="cpu", dtype="float32", pack_weights=False)
+    other = Engine.load(None, ClaspConfig(draft_dtype="float16"), device="cpu", dtype="float32", pack_weights=False,
+                        fp32_kernel="torch")
     assert other.runner.packed_nbytes == 0 and other.runner.draft_weights.lm_head.dtype == torch.float16
-    assert engine.runner.packed_nbytes > 0 and isinstance(engine.runner.draft_weights.lm_head, Int8Weight)
+    assert not any(isinstance(m, BlockedFp32Weight) and m.max_rows for m in other.runner.weights.matrices())
+    # The session's engine verifies through a packed copy or the blocked kernel, whichever load chose.
+    blocked = engine.runner.weights.lm_head
+    assert engine.runner.packed_nbytes > 0 or (isinstance(blocked, BlockedFp32Weight) and blocked.max_rows >= 5)
+    assert isinstance(engine.runner.draft_weights.lm_head, Int8Weight)
     for prompt in ["Write a short poem about the sea.", "Name three primary colors."]:
         ids = engine.encode(prompt)
         params = SamplingParams(max_new_tokens=48)

@@ -19,6 +19,7 @@ class LoadOptions:
     pack_weights: bool | None = None  # CPU: a oneDNN-prepacked copy for 3+ rows; None: where it pays and fits
     fused_draft: bool | None = None  # CPU int8 draft: None any kernel, True the fused C++ draft's, False torch ops'
     draft_kernel: str | None = None  # CPU int8 draft: exactly this kernel (config.DRAFT_KERNELS)
+    fp32_kernel: str | None = None  # CPU fp32 few-row products: None measured among all, else one of fp32_kernels.FP32_KERNELS
     calibration_ids: torch.Tensor | None = None  # [T] token ids of draft_kernels.CALIBRATION_TEXT
     model_identity: str = ""  # what a cached calibration is kept for
 

@@ -15,9 +15,10 @@ import time
 
 import torch
 
-from clasp import draft_kernels
+from clasp import calibration_cache, draft_kernels, fp32_kernels
 from clasp.backends.base import CostModel, LoadOptions
 from clasp.draft_kernels import DraftKernelChoice
+from clasp.fp32_kernels import Fp32KernelChoice
 from clasp.matrices import DenseMatrix, PackedWeight
 from clasp.model_runner import MATRICES, ModelRunner, Weights
 
@@ -178,6 +179,61 @@ def pack_weights(runner: ModelRunner) -> None:
         runner.set_multi_row_weights(packed, calibrate_packed_rows(runner.weights, packed))
 
 
+def calibrate_single_rows(runner: ModelRunner) -> None:
+    """calibrate_single_row for every dense fp32 matrix of the runner, recorded per machine
+    (clasp.calibration_cache) so that later loads skip the measurement."""
+    matrices = [m for m in runner.weights.matrices() if isinstance(m, DenseMatrix)]
+    shapes = sorted({tuple(m.shape) for m in matrices})
+    path = calibration_cache.record_path("single-row", {"shapes": shapes, "bytes": _CALIBRATION_BYTES})
+    record = calibration_cache.read(path) or {}
+    for shape in shapes:
+        key = f"{shape[0]}x{shape[1]}"
+        if isinstance(record.get(key), bool):
+            _PAD_SINGLE_ROW.setdefault(shape, record[key])
+    for m in matrices:
+        m.pad_single_row = calibrate_single_row(m.shape)
+    calibration_cache.write(path, {f"{o}x{i}": _PAD_SINGLE_ROW[(o, i)] for o, i in shapes})
+
+
+def set_up_fp32(runner: ModelRunner, options: LoadOptions) -> Fp32KernelChoice | None:
+    """The full model's few-row products and plain step per options.fp32_kernel: measured among
+    every candidate this machine runs (None), exactly torch's ("torch", not measured), or one
+    instruction set of the blocked kernel (measured and logged, used for every few-row count)."""
+    forced = options.fp32_kernel
+    if forced is not None and forced not in fp32_kernels.FP32_KERNELS:
+        raise ValueError(f"fp32_kernel must be one of {', '.join(fp32_kernels.FP32_KERNELS)}, got {forced!r}")
+    names = fp32_kernels.available(runner)
+    if forced == "torch" or names == ["torch"] and forced is None:
+        choice = fp32_kernels.Fp32KernelChoice.forced("torch")
+        fp32_kernels.install(runner, choice)
+        return choice
+    if forced is not None:
+        if forced not in names:
+            raise ValueError(f"fp32_kernel {forced} cannot run here (available: {', '.join(names) or 'none'})")
+        names = [forced]
+    if options.calibration_ids is None:  # nothing to measure with: torch's products, as loaded
+        return None
+
+    def packed():
+        if packing_available(runner) and runner.weights.nbytes() <= physical_memory() // 4:
+            return runner.weights.packed()
+        return None
+
+    return fp32_kernels.choose_cached(runner, options.calibration_ids, names, options.model_identity, packed)
+
+
+def fused_draft_rows_cached(runner: ModelRunner, options: LoadOptions) -> int:
+    """calibrate_fused_draft_rows, recorded per machine for this model and draft kernel."""
+    kernel = runner.fused_draft.isa if runner.fused_draft is not None else None
+    path = calibration_cache.record_path("fused-draft-rows", {"model": options.model_identity, "isa": kernel})
+    record = calibration_cache.read(path)
+    if record is not None and isinstance(record.get("rows"), int) and record["rows"] >= 1:
+        return record["rows"]
+    rows = calibrate_fused_draft_rows(runner, options.calibration_ids)
+    calibration_cache.write(path, {"rows": rows})
+    return rows
+
+
 def set_up_draft(runner: ModelRunner, options: LoadOptions) -> DraftKernelChoice | None:
     """Give the runner its draft copy per options.draft_dtype. An int8 copy gets the kernel chosen by
     measurement (clasp.draft_kernels) among those allowed: all (fused_draft None), the fused C++
@@ -221,18 +277,19 @@ class CpuBackend:
 
     def __init__(self) -> None:
         self.draft_kernel: DraftKernelChoice | None = None
+        self.fp32_kernel: Fp32KernelChoice | None = None
 
     def prepare(self, runner: ModelRunner, options: LoadOptions) -> DraftKernelChoice | None:
         if runner.dtype == torch.float32:
-            for matrix in runner.weights.matrices():  # now, not in the first request
-                if isinstance(matrix, DenseMatrix):
-                    matrix.pad_single_row = calibrate_single_row(matrix.shape)
+            calibrate_single_rows(runner)  # now, not in the first request
+            self.fp32_kernel = set_up_fp32(runner, options)
         self.draft_kernel = set_up_draft(runner, options)
         if runner.fused_draft is not None and options.calibration_ids is not None:
-            runner.fused_draft_max_rows = calibrate_fused_draft_rows(runner, options.calibration_ids)
+            runner.fused_draft_max_rows = fused_draft_rows_cached(runner, options)
         pack = options.pack_weights
-        if pack is None:
-            pack = packing_available(runner) and runner.weights.nbytes() <= physical_memory() // 4
+        if pack is None:  # where torch keeps the few-row products, where it fits
+            pack = (packing_available(runner) and runner.weights.nbytes() <= physical_memory() // 4
+                    and (self.fp32_kernel is None or self.fp32_kernel.max_rows < PackedWeight.MIN_ROWS))
         if pack:
             pack_weights(runner)
         return self.draft_kernel
@@ -244,7 +301,11 @@ class CpuBackend:
         return CostModel(1.0 / runner.weights.nbytes(), 1.0, 0.2, 0.07 if runner.packed_nbytes else 0.15)
 
     def describe(self) -> dict:
+        fp32 = self.fp32_kernel
         return {"backend": self.name, "single_row_as_two": single_row_choices(),
+                "fp32_kernel": None if fp32 is None else {"few_rows": f"{fp32.one_row} for 1-{fp32.max_rows} rows"
+                                                          if fp32.max_rows else "torch",
+                                                          "one_call_step": fp32.fused_step},
                 "draft_kernel": self.draft_kernel.chosen if self.draft_kernel else None}
 
 
