@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Iterator, Sequence
 
 import torch
 
-from clasp import backends, draft_kernels
+from clasp import backends, checkpoint, draft_kernels
 from clasp.backends.base import LoadOptions
 from clasp.chat import chat_prompt_ids
 from clasp.config import ClaspConfig, SamplingParams
 from clasp.decoding import Chunk, GenerationResult, generate
 from clasp.draft_kernels import DraftKernelChoice
-from clasp.loading import load_model, model_identity, resolve_device, resolve_dtype
+from clasp.loading import (SUPPORTED_MODEL_TYPES, eos_token_ids, load_model, load_tokenizer, model_dir,
+                           model_identity, resolve_device, resolve_dtype)
 from clasp.model_runner import ModelRunner
 from clasp.plan_exchange import PlanExchange
 from clasp.planner import LayerPlan
@@ -25,6 +27,24 @@ log = logging.getLogger(__name__)
 def shaped_identity(model_name: str, spec) -> str:
     """Model name and shape: what a plan must match, and what a calibration is kept for."""
     return f"{model_name}:{spec.num_layers}x{spec.hidden_size}:{spec.vocab_size}"
+
+
+def load_runner(model_path: str | os.PathLike | None, dtype: torch.dtype, device: torch.device):
+    """(runner, tokenizer, eos ids) for a model directory (the embedded model when None): read
+    directly from its safetensors where clasp.checkpoint covers it, else through transformers."""
+    path = model_dir(model_path)
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model type {config.get('model_type')!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    tokenizer = load_tokenizer(path)
+    runner = checkpoint.load_runner(path, config, dtype, device)
+    if runner is None:
+        log.info("loading %s through transformers (a checkpoint layout or rotary scaling clasp.checkpoint "
+                 "does not read)", path)
+        model, _ = load_model(path, dtype, device)
+        runner = ModelRunner.from_hf(model, release=True)
+    return runner, tokenizer, eos_token_ids(path, config, tokenizer)
 
 
 class Engine:
@@ -56,12 +76,7 @@ class Engine:
         in that instruction set for every few-row product."""
         config = config or ClaspConfig()
         dev = resolve_device(device)
-        model, tokenizer = load_model(model_path, resolve_dtype(dtype, dev), dev)
-        eos = model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        runner = ModelRunner.from_hf(model, release=True)
+        runner, tokenizer, eos_ids = load_runner(model_path, resolve_dtype(dtype, dev), dev)
         calibration_ids = torch.tensor(tokenizer(draft_kernels.CALIBRATION_TEXT)["input_ids"], device=runner.device)
         backend = backends.for_device(runner.device)
         options = LoadOptions(config.draft_torch_dtype(runner.device.type), config.draft_dtype, pack_weights,

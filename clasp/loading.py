@@ -110,11 +110,7 @@ def load_model(model_path: str | os.PathLike | None, dtype: torch.dtype, device:
     """Load (hf_model, tokenizer) from a local directory, or the embedded model when None."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = embedded_model_dir() if model_path is None else Path(model_path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model path {str(path)!r} is not a directory")
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"model path {str(path)!r} has no config.json (not a Hugging Face model directory)")
+    path = model_dir(model_path)
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -124,6 +120,62 @@ def load_model(model_path: str | os.PathLike | None, dtype: torch.dtype, device:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None)
     model.to(device).eval()
     return model, tokenizer
+
+
+# Tokenizer classes that are the generic tokenizer.json backend: loaded directly, without
+# transformers' Auto classes (whose import costs seconds of every start).
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def model_dir(model_path: str | os.PathLike | None) -> Path:
+    """The model directory (the embedded model's cache when None), checked to be one."""
+    path = embedded_model_dir() if model_path is None else Path(model_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model path {str(path)!r} is not a directory")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"model path {str(path)!r} has no config.json (not a Hugging Face model directory)")
+    return path
+
+
+def load_tokenizer(path: Path):
+    """The directory's tokenizer: the generic tokenizer.json backend directly where the directory
+    names it (the embedded model, Llama 3), else through AutoTokenizer."""
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if (path / "tokenizer.json").exists() and config.get("tokenizer_class") in GENERIC_TOKENIZERS:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        return TokenizersBackend.from_pretrained(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def rope_parameters(config: dict) -> dict:
+    """{"rope_type", "rope_theta", ...} from either config format (rope_parameters, or the older
+    rope_theta with rope_scaling)."""
+    if isinstance(config.get("rope_parameters"), dict):
+        return dict(config["rope_parameters"])
+    params = dict(config.get("rope_scaling") or {})
+    params.setdefault("rope_type", params.pop("type", "default"))
+    params["rope_theta"] = config.get("rope_theta", 10000.0)
+    return params
+
+
+def eos_token_ids(path: Path, config: dict, tokenizer) -> frozenset[int]:
+    """End-of-sequence ids: the generation config's (else the model config's) and the tokenizer's."""
+    try:
+        eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        eos = None
+    if eos is None:
+        eos = config.get("eos_token_id")
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)
 
 
 def model_identity(model_path: str | os.PathLike | None) -> str:

@@ -41,6 +41,22 @@ class ModelSpec:
     rms_norm_eps: float
     max_context: int  # positions the model supports (the context window)
 
+    @classmethod
+    def from_config(cls, get) -> "ModelSpec":
+        """From a Hugging Face config: get(key, default) reads a field (of a config object, or of
+        config.json as a dict)."""
+        if (get("hidden_act", "silu") or "silu") != "silu":
+            raise ValueError(f"unsupported activation {get('hidden_act')!r} (only silu)")
+        num_heads = get("num_attention_heads")
+        max_context = get("max_position_embeddings")
+        window = get("sliding_window")
+        if window and (get("model_type") == "mistral" or get("use_sliding_window", False)):
+            max_context = min(max_context, window)  # sliding-window attention is not implemented
+        return cls(num_layers=get("num_hidden_layers"), hidden_size=get("hidden_size"), num_heads=num_heads,
+                   num_kv_heads=get("num_key_value_heads") or num_heads,
+                   head_dim=get("head_dim") or get("hidden_size") // num_heads, vocab_size=get("vocab_size"),
+                   rms_norm_eps=get("rms_norm_eps"), max_context=max_context)
+
 
 MATRICES = ("qkv", "o", "gate_up", "down")  # the LayerWeights fields that are matrices
 
@@ -181,25 +197,8 @@ class ModelRunner:
         above the model's size (that matters for 8B+ models).
         """
         config = model.config
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported activation {config.hidden_act!r} (only silu)")
+        spec = ModelSpec.from_config(lambda key, default=None: getattr(config, key, default))
         base = model.model
-        num_heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-        max_context = config.max_position_embeddings
-        window = getattr(config, "sliding_window", None)
-        if window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)):
-            max_context = min(max_context, window)  # sliding-window attention is not implemented
-        spec = ModelSpec(
-            num_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
-            num_heads=num_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-            head_dim=head_dim,
-            vocab_size=config.vocab_size,
-            rms_norm_eps=config.rms_norm_eps,
-            max_context=max_context,
-        )
         layers = []
         for i in range(spec.num_layers):
             hf = base.layers[i]
