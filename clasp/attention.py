@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)  # what the CUDA flash kernel takes
 
@@ -44,6 +43,8 @@ def lower_right_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     """span_attention's CUDA form for n > 1 queries at start > 0: the lower-right causal bias, with
     K/V heads repeated to the query heads first when expand_heads (for the memory-efficient
     kernel, which has no GQA). Runs on any device (the CPU tests check it there)."""
+    from torch.nn.attention.bias import causal_lower_right  # here: importing it imports torch._dynamo (~1.5 s)
+
     n = q.shape[2]
     bias = causal_lower_right(n, start + n)
     group = q.shape[1] // keys.shape[1]
