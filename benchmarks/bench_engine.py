@@ -63,7 +63,7 @@ if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
 
 from benchmarks.chart import chart_title, render_chart  # noqa: E402
 from benchmarks.report import fmt, tokens_per_s_cell  # noqa: E402
-from clasp import draft_kernels  # noqa: E402
+from clasp import draft_kernels, fp32_kernels  # noqa: E402
 from clasp.config import DRAFT_DTYPE_CHOICES, ClaspConfig, SamplingParams  # noqa: E402
 from clasp.cpu_draft import cpu_flags, cpu_name  # noqa: E402
 from clasp.draft_kernels import DraftCopies  # noqa: E402
@@ -446,8 +446,7 @@ def _notes(summary: dict) -> str:
                  f"{meta.get('shared_num_skip_layers')}), K={cfg['max_draft_length']}, exit threshold "
                  f"{cfg['draft_exit_threshold']}, replan every {cfg['replan_interval']} rounds, draft dtype "
                  f"{meta.get('draft_copy_dtype') or 'shared weights'} ({meta.get('draft_copy_mib', 0):.0f} MiB extra), "
-                 f"prepacked verification weights {meta.get('packed_weights_mib', 0):.0f} MiB (from "
-                 f"{meta.get('packed_min_rows', 3)} rows), n-gram "
+                 f"{meta.get('fp32_products') or 'prepacked verification weights %.0f MiB (from %d rows)' % (meta.get('packed_weights_mib', 0), meta.get('packed_min_rows', 3))}, n-gram "
                  f"size {cfg.get('ngram_size')}; HF early exit at layer {meta['early_exit_layer']}, prompt lookup "
                  f"{PROMPT_LOOKUP_TOKENS} tokens")
     errors = [f"{m}: {t['error']}" for m, t in overall.items() if m in ALL_METHODS and t.get("error")]
@@ -622,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             "weights_mib": engine.runner.weights.nbytes() / 2**20,
             "draft_copy_mib": (engine.runner.draft_weights.nbytes() / 2**20 if engine.runner.draft_has_copy else 0.0),
             "packed_weights_mib": engine.runner.packed_nbytes / 2**20, "packed_min_rows": engine.runner.packed_min_rows,
-            "fused_draft": engine.runner.fused_draft is not None,
+            "fused_draft": engine.runner.fused_draft is not None, "fp32_products": fp32_kernels.summary(engine.runner),
             "draft_kernel": engine.draft_kernel.as_dict() if engine.draft_kernel else None,
             "draft_copy_dtype": (str(config.draft_torch_dtype(engine.runner.device.type)).removeprefix("torch.")
                                  if engine.runner.draft_has_copy else None),

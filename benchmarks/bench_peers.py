@@ -52,6 +52,7 @@ if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
 from benchmarks.bench_engine import (CATEGORIES, ENGINE_VARIANTS, WARMUP_PROMPT, WARMUP_TOKENS,  # noqa: E402
                                      add_question_args, git_commit, group_by_category, load_questions,
                                      machine_info, measure_bandwidth, parse_methods, peak_rss_mib)
+from clasp import fp32_kernels  # noqa: E402
 from clasp.config import ClaspConfig, SamplingParams  # noqa: E402
 from clasp.engine import Engine  # noqa: E402
 from clasp.loading import EMBEDDED_MODEL_NAME  # noqa: E402
@@ -406,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             "bandwidth": {"gb_per_s": bandwidth / 1e9, "before_gb_per_s": bandwidth_before / 1e9,
                           "after_gb_per_s": bandwidth_after / 1e9, "buffer_mib": BANDWIDTH_BUFFER_MIB,
                           "bytes_per_token": bytes_per_token, "bound_tokens_per_s": bounds},
-            "engine": (f"draft kernel {engine.draft_kernel.chosen if engine.draft_kernel else 'none'}, prepacked "
-                       f"verification weights from {engine.runner.packed_min_rows} rows, config "
+            "engine": (f"draft kernel {engine.draft_kernel.chosen if engine.draft_kernel else 'none'}, "
+                       f"{fp32_kernels.summary(engine.runner)}, config "
                        f"{json.dumps(dataclasses.asdict(config))}"),
             "load_average": list(load), "load_average_after": list(os.getloadavg()),
             "warmup_errors": broken, "peak_rss_mib": peak_rss_mib(), "wall_seconds": time.perf_counter() - started}

@@ -318,3 +318,22 @@ def choose_cached(runner: ModelRunner, ids: torch.Tensor, candidates: list[str],
     choice = choose(runner, ids, candidates, packed)
     calibration_cache.write(path, choice.as_dict())
     return choice
+
+
+def summary(runner: ModelRunner) -> str:
+    """The full model's fp32 product forms as installed, in words (for logs and benchmark notes)."""
+    if not applicable(runner):
+        return f"{str(runner.dtype).removeprefix('torch.')} products on {runner.device.type}"
+    head = runner.weights.lm_head
+    parts = []
+    if isinstance(head, BlockedFp32Weight) and head.max_rows:
+        from clasp.cpu_draft import FP32_ISAS
+
+        isa = next(name for name, code in FP32_ISAS.items() if code == head.kernel.isa)
+        parts.append(f"blocked fp32 kernel ({isa}) for {head.min_rows}-{head.max_rows} rows")
+    else:
+        parts.append("torch fp32 products")
+    parts.append("one-call plain step" if runner.fused_step is not None else "plain steps through torch ops")
+    if runner.packed_nbytes:
+        parts.append(f"prepacked copy from {runner.packed_min_rows} rows")
+    return ", ".join(parts)
