@@ -244,11 +244,11 @@ def _finish_if_done(req: Request, chunk: Chunk) -> Chunk:
     return chunk
 
 
-def _choose(req: Request, allow_draft: bool = True) -> None:
-    """The request's draft source, length and skip set for this round (allow_draft False: a plain
-    step, as the batch's policy decided)."""
-    budget = req.draft_budget if allow_draft else 0
-    if not allow_draft:
+def _choose(req: Request, draft_cap: int | None = None) -> None:
+    """The request's draft source, length and skip set for this round (draft_cap: at most this many
+    drafted tokens, as the batch's policy decided; 0 a plain step, None no cap)."""
+    budget = req.draft_budget if draft_cap is None else min(req.draft_budget, draft_cap)
+    if budget <= 0:
         choice = RoundChoice(PLAIN, 0)
     elif req.controller is not None:
         choice = req.controller.choose(budget, req.ngrams.lookup(budget) if req.ngrams is not None and budget > 0
@@ -328,10 +328,11 @@ def _advance(req: Request, result: RoundResult, new_ids: list[int]) -> Chunk:
     return _finish_if_done(req, chunk)
 
 
-def step(runner: ModelRunner, requests: Sequence[Request], allow_draft: bool = True) -> list[Chunk]:
+def step(runner: ModelRunner, requests: Sequence[Request], draft_cap: int | None = None) -> list[Chunk]:
     """Advance every unfinished request by one round: a prefill piece for a request still reading
     its prompt, else draft, verify (one forward pass for all of them, per KV cache) and accept.
-    allow_draft False makes every round a plain step (the batch policy's choice; output unchanged).
+    draft_cap: at most this many drafted tokens per request (the batch policy's choice; 0 makes every
+    round a plain step, None leaves each request's own choice; the output is the same either way).
     Returns one Chunk per request (the final one carries the result; a finished request gets an
     empty chunk)."""
     chunks: list[Chunk | None] = [None] * len(requests)
@@ -348,16 +349,16 @@ def step(runner: ModelRunner, requests: Sequence[Request], allow_draft: bool = T
         by_cache.setdefault(id(requests[i].cache), []).append(i)
     for group in by_cache.values():
         reqs = [requests[i] for i in group]
-        for i, chunk in zip(group, _speculative_round(runner, reqs, allow_draft)):
+        for i, chunk in zip(group, _speculative_round(runner, reqs, draft_cap)):
             chunks[i] = chunk
     return chunks
 
 
-def _speculative_round(runner: ModelRunner, reqs: Sequence[Request], allow_draft: bool = True) -> list[Chunk]:
+def _speculative_round(runner: ModelRunner, reqs: Sequence[Request], draft_cap: int | None = None) -> list[Chunk]:
     """One round for requests sharing a KV cache: choose, propose, verify in one pass, accept."""
     cache = reqs[0].cache
     for req in reqs:
-        _choose(req, allow_draft)
+        _choose(req, draft_cap)
     t0 = time.perf_counter()
     proposals = _propose(runner, cache, reqs)
     t1 = time.perf_counter()

@@ -16,10 +16,10 @@ of a piece).
 
 Speculation and batch size: each request's controller chooses its own draft length from its own
 acceptance, and the costs it sees are the batch's (the wall time of the round's batched draft and
-verification). On top, BatchPolicy measures, per batch size, the tokens per second of rounds that
-may draft against rounds that may not, and runs the better kind, trying the other every
-`explore_every` rounds: as the batch grows and a plain step already streams the weights for every
-request, speculation stops where it no longer pays there, and comes back where it does.
+verification). On top, BatchPolicy caps the draft length of the whole batch (down to none) by the
+measured tokens per second of each cap at that batch size: as the batch grows and a plain step
+already streams the weights for every request, drafts get shorter and stop where they no longer
+pay, and come back where they do.
 """
 
 from __future__ import annotations
@@ -40,30 +40,63 @@ BATCH_PREFILL_CHUNK_TOKENS = 128  # prompt tokens per step while other requests 
 
 
 class BatchPolicy:
-    """Whether a step of a batch of size b may draft: decayed tokens per second of each kind of
-    step, per b, measured (b = 1 is left to the request's own controller)."""
+    """The batch's draft cap per round: at most how many tokens any request drafts (0: a plain step
+    for all; None: as each request's own controller chooses), by measured tokens per second of
+    steps at each batch size b >= 2 (b = 1 is left to the request's controller).
 
-    def __init__(self, explore_every: int = 12, decay: float = 0.8) -> None:
-        self.explore_every, self.decay = explore_every, decay
-        self.rates: dict[tuple[int, bool], float] = {}  # (b, drafting allowed) -> tokens per second
+    On a memory-bound CPU a plain step for b requests costs little more than for one, while a
+    drafted round costs b x (k + 1) verification rows and a draft pass per position, so the best
+    cap falls as b grows: long drafts for two streams, short ones or none for eight. Each cap in
+    CAPS is measured `warm_steps` times at a batch size before the best is used; then every
+    `interval` steps the least recently tried other cap runs once. A try that does not win doubles
+    that batch size's interval (up to max_interval: exploring then costs under 1% of the steps);
+    one that wins resets it. Rates are decayed means (weight `decay` on the old value), so a
+    change in the load or the acceptance of the requests moves the choice.
+    """
+
+    CAPS = (None, 0, 4, 2, 1)  # measured in this order
+
+    def __init__(self, warm_steps: int = 3, interval: int = 8, max_interval: int = 128, decay: float = 0.8) -> None:
+        self.warm_steps, self.base_interval, self.max_interval, self.decay = warm_steps, interval, max_interval, decay
+        self.rates: dict[tuple[int, int | None], float] = {}  # (b, cap) -> tokens per second
+        self.counts: dict[tuple[int, int | None], int] = {}
+        self.last_tried: dict[tuple[int, int | None], int] = {}
         self.steps: dict[int, int] = {}
+        self.interval: dict[int, int] = {}
+        self._exploring: dict[int, int | None] = {}
 
-    def allow_draft(self, b: int) -> bool:
+    def best(self, b: int) -> int | None:
+        return max(self.CAPS, key=lambda cap: self.rates.get((b, cap), -1.0))
+
+    def cap(self, b: int) -> int | None:
+        """The draft cap for the next step of a batch of b decoding requests."""
         if b < 2:
-            return True
+            return None
         n = self.steps[b] = self.steps.get(b, 0) + 1
-        spec, plain = self.rates.get((b, True)), self.rates.get((b, False))
-        if spec is None or plain is None:
-            return spec is None  # measure drafting first, then a plain step
-        best = spec >= plain
-        return (not best) if n % self.explore_every == 0 else best
+        for cap in self.CAPS:  # warming up: every cap measured a few times first
+            if self.counts.get((b, cap), 0) < self.warm_steps:
+                return cap
+        interval = self.interval.setdefault(b, self.base_interval)
+        best = self.best(b)
+        if n % interval == 0:
+            others = [c for c in self.CAPS if c != best]
+            cap = min(others, key=lambda c: self.last_tried.get((b, c), 0))
+            self._exploring[b] = cap
+            return cap
+        return best
 
-    def observe(self, b: int, allowed: bool, tokens: int, seconds: float) -> None:
+    def observe(self, b: int, cap: int | None, tokens: int, seconds: float) -> None:
         if b < 2 or seconds <= 0:
             return
-        rate, key = tokens / seconds, (b, allowed)
-        old = self.rates.get(key)
+        key = (b, cap)
+        rate, old = tokens / seconds, self.rates.get(key)
         self.rates[key] = rate if old is None else self.decay * old + (1 - self.decay) * rate
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.last_tried[key] = self.steps.get(b, 0)
+        if self._exploring.get(b, "none") == cap:
+            del self._exploring[b]
+            won = self.best(b) == cap
+            self.interval[b] = self.base_interval if won else min(2 * self.interval[b], self.max_interval)
 
 
 class Scheduler:
@@ -141,11 +174,11 @@ class Scheduler:
                 prefilling = True
             running.append(req)
         decoding = sum(not r.prefilling for r in running)
-        allow = self.policy.allow_draft(decoding)
+        cap = self.policy.cap(decoding)
         started = time.perf_counter()
-        chunks = step(self.engine.runner, running, allow)
+        chunks = step(self.engine.runner, running, cap)
         if not prefilling:  # a prefill piece in the step would blur the comparison
-            self.policy.observe(decoding, allow, sum(len(c.token_ids) for c in chunks), time.perf_counter() - started)
+            self.policy.observe(decoding, cap, sum(len(c.token_ids) for c in chunks), time.perf_counter() - started)
         for req in running:
             if req.finished:
                 self.release(req)

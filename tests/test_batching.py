@@ -125,18 +125,29 @@ def test_scheduler_bounds_and_release(engine):
     assert scheduler.kv_nbytes == engine.runner.new_cache(64).nbytes()
 
 
-def test_batch_policy_runs_the_faster_kind_and_keeps_trying_the_other():
+def test_batch_policy_runs_the_fastest_cap_and_keeps_trying_the_others():
     from clasp.scheduler import BatchPolicy
 
-    policy = BatchPolicy(explore_every=4)
-    assert policy.allow_draft(1)  # a single stream: its own controller decides
-    assert policy.allow_draft(8)  # nothing measured: drafting first
-    policy.observe(8, True, 40, 1.0)
-    assert not policy.allow_draft(8)  # then a plain step
-    policy.observe(8, False, 60, 1.0)
-    choices = [policy.allow_draft(8) for _ in range(8)]
-    assert choices.count(False) == 6 and choices.count(True) == 2  # plain is faster here; drafting is re-tried
-    for _ in range(20):
-        policy.observe(8, True, 100, 1.0)
-    assert policy.allow_draft(8) or policy.allow_draft(8)
-    assert policy.rates[(8, True)] > policy.rates[(8, False)]
+    policy = BatchPolicy(warm_steps=1, interval=4, max_interval=16)
+    assert policy.cap(1) is None  # a single stream: its own controller decides
+    rates = {None: 40, 0: 60, 4: 45, 2: 70, 1: 55}  # tokens per second of each cap at 8 streams
+    warm = []
+    for _ in range(len(BatchPolicy.CAPS)):  # nothing measured: every cap once, unlimited drafts first
+        cap = policy.cap(8)
+        warm.append(cap)
+        policy.observe(8, cap, rates[cap], 1.0)
+    assert warm == list(BatchPolicy.CAPS) and policy.best(8) == 2
+    choices = []
+    for _ in range(64):
+        cap = policy.cap(8)
+        choices.append(cap)
+        policy.observe(8, cap, rates[cap], 1.0)
+    assert choices.count(2) >= 56  # the fastest cap runs; the others are re-tried, less and less often
+    assert set(choices) == set(BatchPolicy.CAPS)  # every other cap was tried again
+    assert policy.interval[8] == 16  # no try won: the interval grew to its limit
+    rates[0] = 200  # plain steps got faster (say, acceptance fell): the next try of 0 wins and stays
+    for _ in range(80):
+        cap = policy.cap(8)
+        policy.observe(8, cap, rates[cap], 1.0)
+    assert policy.best(8) == 0
+    assert policy.rates[(8, 0)] > policy.rates[(8, 2)]
