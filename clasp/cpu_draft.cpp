@@ -706,6 +706,23 @@ inline void product(const Fp32Matrix& m, const float* x, QuantizedRow&, float* y
   fp32_product(m, x, 1, y, m.n);  // one row: x is its own transpose
 }
 
+// y[T, N] = x[T, K] @ W.T for T rows (row-major), one pass over the weights per FP32_MAX_ROWS rows.
+void products(const Fp32Matrix& m, const float* x, int64_t T, float* y) {
+  std::vector<float> xt(m.k * std::min(T, FP32_MAX_ROWS));
+  for (int64_t t0 = 0; t0 < T; t0 += FP32_MAX_ROWS) {
+    const int64_t rows = std::min(FP32_MAX_ROWS, T - t0);
+    for (int64_t t = 0; t < rows; ++t)
+      for (int64_t i = 0; i < m.k; ++i) xt[i * rows + t] = x[(t0 + t) * m.k + i];
+    fp32_product(m, xt.data(), rows, y + t0 * m.n, m.n);
+  }
+}
+
+void products(const Int8Matrix& m, const float* x, int64_t T, float* y) {
+  std::vector<QuantizedRow> xs(T);
+  for (int64_t t = 0; t < T; ++t) quantize(x + t * m.k, m.k, xs[t]);  // per row, as the one-row draft
+  gemv_rows(m, xs, y);
+}
+
 inline int64_t model_isa(const Int8Matrix*, int64_t isa) { return checked_isa(isa, "draft model"); }
 inline int64_t model_isa(const Fp32Matrix*, int64_t isa) { return checked_fp32_isa(isa, "fp32 model"); }
 
@@ -856,6 +873,138 @@ class OneTokenModel {
     return logits;
   }
 
+  // Logits [N, vocab] for N tokens at once: row i is token tokens[i] at position positions[i] of KV
+  // slot slots[i], skipping the layers in skips[i]. The rows of one request are consecutive
+  // positions of its slot (a segment: a verification, or one draft token of each of several
+  // requests). Each layer writes the K/V of every row that runs it before any row attends, and
+  // row i attends to positions 0..positions[i] of its own slot, so a segment is causal within
+  // itself. Rows that skip a layer keep their state through it (and write no K/V there); the
+  // others share its products. keys[l] / values[l]: [slots, kv_heads, capacity, head_dim] float32.
+  torch::Tensor forward_rows(const std::vector<int64_t>& tokens, const std::vector<int64_t>& slots,
+                             const std::vector<int64_t>& positions, const std::vector<torch::Tensor>& keys,
+                             const std::vector<torch::Tensor>& values, const torch::Tensor& cos,
+                             const torch::Tensor& sin, const std::vector<std::vector<int64_t>>& skips) {
+    const int64_t L = num_layers(), hd = head_dim_, H = heads_, KVH = kv_heads_, D = hidden_;
+    const int64_t N = static_cast<int64_t>(tokens.size());
+    TORCH_CHECK(N >= 1 && static_cast<int64_t>(slots.size()) == N && static_cast<int64_t>(positions.size()) == N &&
+                (skips.empty() || static_cast<int64_t>(skips.size()) == N),
+                "expected one slot, position (and skip set) per token");
+    TORCH_CHECK(static_cast<int64_t>(keys.size()) == L && static_cast<int64_t>(values.size()) == L,
+                "expected one key and one value tensor per layer");
+    TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+                sin.is_contiguous() && cos.size(1) == hd && sin.sizes() == cos.sizes(), "bad rotary tables");
+    std::vector<char> skipped(N * L, 0);
+    for (int64_t i = 0; i < N; ++i) {
+      TORCH_CHECK(tokens[i] >= 0 && tokens[i] < embed_.size(0), "token id ", tokens[i], " is out of range");
+      TORCH_CHECK(positions[i] >= 0 && positions[i] < cos.size(0), "rotary tables do not cover position ",
+                  positions[i]);
+      if (!skips.empty())
+        for (int64_t l : skips[i]) {
+          TORCH_CHECK(l >= 0 && l < L, "skipped layer ", l, " is out of range");
+          skipped[i * L + l] = 1;
+        }
+    }
+    std::vector<float> x(N * D);
+    for (int64_t i = 0; i < N; ++i)
+      std::copy_n(embed_.data_ptr<float>() + tokens[i] * D, D, x.data() + i * D);
+    std::vector<float> h, tmp, qkv, attn, gu, act;
+    std::vector<int64_t> rows;  // the rows that run the current layer
+    const int64_t half = hd / 2, group = H / KVH;
+    const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+    for (int64_t l = 0; l < L; ++l) {
+      rows.clear();
+      for (int64_t i = 0; i < N; ++i)
+        if (!skipped[i * L + l]) rows.push_back(i);
+      if (rows.empty()) continue;
+      const int64_t R = static_cast<int64_t>(rows.size());
+      const Layer<Matrix>& ly = layers_[l];
+      const torch::Tensor& kc = keys[l];
+      const torch::Tensor& vc = values[l];
+      TORCH_CHECK(kc.scalar_type() == torch::kFloat32 && vc.scalar_type() == torch::kFloat32 && kc.is_contiguous() &&
+                  vc.is_contiguous() && kc.dim() == 4 && kc.size(1) == KVH && kc.size(3) == hd &&
+                  kc.sizes() == vc.sizes(), "KV cache of layer ", l, " has the wrong layout");
+      const int64_t num_slots = kc.size(0), capacity = kc.size(2);
+      for (int64_t i : rows)
+        TORCH_CHECK(slots[i] >= 0 && slots[i] < num_slots && positions[i] < capacity, "KV cache of layer ", l,
+                    " does not fit slot ", slots[i], " position ", positions[i]);
+      float* kbase = kc.data_ptr<float>();
+      float* vbase = vc.data_ptr<float>();
+      // attention
+      h.resize(R * D);
+      for (int64_t r = 0; r < R; ++r)
+        rms_norm(x.data() + rows[r] * D, ly.input_norm.template data_ptr<float>(), D, eps_, h.data() + r * D);
+      const int64_t W = ly.qkv.n;
+      qkv.resize(R * W);
+      products(ly.qkv, h.data(), R, qkv.data());
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t i = rows[r], pos = positions[i];
+        const float* c = cos.data_ptr<float>() + pos * hd;
+        const float* s = sin.data_ptr<float>() + pos * hd;
+        float* row = qkv.data() + r * W;
+        float rotated[1024];
+        TORCH_CHECK(hd <= 1024, "head_dim over 1024");
+        for (int64_t head = 0; head < H + KVH; ++head) {  // q heads, then k heads
+          float* v = row + head * hd;
+          for (int64_t j = 0; j < hd; ++j) rotated[j] = v[j] * c[j] + v[(j + half) % hd] * s[j];
+          std::copy_n(rotated, hd, v);
+        }
+        for (int64_t g = 0; g < KVH; ++g) {
+          const int64_t at = ((slots[i] * KVH + g) * capacity + pos) * hd;
+          std::copy_n(row + (H + g) * hd, hd, kbase + at);
+          std::copy_n(row + (H + KVH + g) * hd, hd, vbase + at);
+        }
+      }
+      attn.resize(R * H * hd);
+      at::parallel_for(0, R * H, 1, [&](int64_t w0, int64_t w1) {
+        std::vector<float> scores;
+        for (int64_t w = w0; w < w1; ++w) {
+          const int64_t r = w / H, head = w % H, i = rows[r], g = head / group, P = positions[i] + 1;
+          scores.resize(P);
+          const float* kg = kbase + (slots[i] * KVH + g) * capacity * hd;
+          const float* vg = vbase + (slots[i] * KVH + g) * capacity * hd;
+          const float* q = qkv.data() + r * W + head * hd;
+          float* out = attn.data() + (r * H + head) * hd;
+          if (isa_ == ISA_AVX512_VNNI || isa_ == ISA_AVX512) {
+            attend_avx512(q, kg, vg, P, hd, scale, scores.data(), out);
+          } else if (isa_ == ISA_AVX2) {
+            attend_avx2(q, kg, vg, P, hd, scale, scores.data(), out);
+          } else {
+            attend_generic(q, kg, vg, P, hd, scale, scores.data(), out);
+          }
+        }
+      });
+      tmp.resize(R * D);
+      products(ly.o, attn.data(), R, tmp.data());
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < D; ++j) x[rows[r] * D + j] += tmp[r * D + j];
+      // MLP
+      for (int64_t r = 0; r < R; ++r)
+        rms_norm(x.data() + rows[r] * D, ly.post_norm.template data_ptr<float>(), D, eps_, h.data() + r * D);
+      const int64_t G = ly.gate_up.n, inter = G / 2;
+      gu.resize(R * G);
+      products(ly.gate_up, h.data(), R, gu.data());
+      act.resize(R * inter);
+      for (int64_t r = 0; r < R; ++r) {
+        const float* gate = gu.data() + r * G;
+        if (isa_ == ISA_AVX512_VNNI || isa_ == ISA_AVX512) {
+          silu_mul_avx512(gate, gate + inter, inter, act.data() + r * inter);
+        } else if (isa_ == ISA_AVX2) {
+          silu_mul_avx2(gate, gate + inter, inter, act.data() + r * inter);
+        } else {
+          silu_mul_generic(gate, gate + inter, inter, act.data() + r * inter);
+        }
+      }
+      products(ly.down, act.data(), R, tmp.data());
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < D; ++j) x[rows[r] * D + j] += tmp[r * D + j];
+    }
+    h.resize(N * D);
+    for (int64_t i = 0; i < N; ++i) rms_norm(x.data() + i * D, final_norm_.data_ptr<float>(), D, eps_, h.data() + i * D);
+    torch::Tensor logits = torch::empty({N, head_.n}, torch::kFloat32);
+    products(head_, h.data(), N, logits.data_ptr<float>());
+    return logits;
+  }
+
  private:
   static torch::Tensor check_float(const torch::Tensor& t, int64_t dim, const char* name) {
     TORCH_CHECK(t.dim() == dim && t.scalar_type() == torch::kFloat32 && t.device().is_cpu(), name,
@@ -909,6 +1058,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &DraftModel::add_layer)
       .def_property_readonly("num_layers", &DraftModel::num_layers)
       .def_property("isa", &DraftModel::isa, &DraftModel::set_isa)
+      .def("forward_rows", &DraftModel::forward_rows, py::call_guard<py::gil_scoped_release>(), py::arg("tokens"),
+           py::arg("slots"), py::arg("positions"), py::arg("keys"), py::arg("values"), py::arg("cos"), py::arg("sin"),
+           py::arg("skips"))
       .def("forward", &DraftModel::forward, py::call_guard<py::gil_scoped_release>(), py::arg("token"),
            py::arg("keys"), py::arg("values"), py::arg("position"), py::arg("cos"), py::arg("sin"), py::arg("skip"));
   py::class_<Fp32Model>(m, "Fp32Model")
@@ -918,6 +1070,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &Fp32Model::add_layer)
       .def_property_readonly("num_layers", &Fp32Model::num_layers)
       .def_property("isa", &Fp32Model::isa, &Fp32Model::set_isa)
+      .def("forward_rows", &Fp32Model::forward_rows, py::call_guard<py::gil_scoped_release>(), py::arg("tokens"),
+           py::arg("slots"), py::arg("positions"), py::arg("keys"), py::arg("values"), py::arg("cos"), py::arg("sin"),
+           py::arg("skips"))
       .def("forward", &Fp32Model::forward, py::call_guard<py::gil_scoped_release>(), py::arg("token"),
            py::arg("keys"), py::arg("values"), py::arg("position"), py::arg("cos"), py::arg("sin"), py::arg("skip"));
 }

@@ -239,6 +239,14 @@ class FusedDraft:
                 self._skips = {skip_set: skip}
         return self._model.forward(token_id, cache.keys, cache.values, position, cos, sin, skip)
 
+    def forward_rows(self, token_ids: list[int], slots: list[int], positions: list[int], cache: KVCache,
+                     skip_sets: list[frozenset[int]], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] of one draft token for each of N requests (token_ids[i] at positions[i]
+        of slot slots[i], skipping skip_sets[i]) in one call: each layer's int8 products read the
+        weights once for all the rows that run it. Writes their KV (not cache.lengths)."""
+        return self._model.forward_rows(token_ids, slots, positions, cache.keys, cache.values, cos, sin,
+                                        [sorted(k) for k in skip_sets])
+
 
 class FusedFp32Step:
     """A plain fp32 decode step per call: one token through every layer (bar a skip set), the
@@ -289,3 +297,11 @@ class FusedFp32Step:
         """Logits [1, vocab] (float32) for token_id at `position`; writes its KV (not cache.length).
         cos/sin: the runner's rotary tables (sin signed as in model_runner.rope)."""
         return self._model.forward(token_id, cache.keys, cache.values, position, cos, sin, sorted(skip_set))
+
+    def forward_rows(self, token_ids: list[int], slots: list[int], positions: list[int], cache: KVCache,
+                     cos: torch.Tensor, sin: torch.Tensor, skip_sets: list[frozenset[int]] | None = None) -> torch.Tensor:
+        """Logits [N, vocab] for N rows in one call: row i is token_ids[i] at positions[i] of slot
+        slots[i] (a request's rows are consecutive positions: a verification is causal within
+        itself), skipping skip_sets[i] (None: no layer). Writes their KV (not cache.lengths)."""
+        skips = [] if skip_sets is None else [sorted(k) for k in skip_sets]
+        return self._model.forward_rows(token_ids, slots, positions, cache.keys, cache.values, cos, sin, skips)

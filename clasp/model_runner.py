@@ -177,6 +177,9 @@ class ModelRunner:
         # over the same int8 copy, whose products read the weights once for all rows (the CPU backend
         # measures where that starts to pay).
         self.fused_draft_max_rows = 1
+        # Passes of up to this many rows (verification, batched steps) go through the one-call models
+        # (fused_step, fused_draft) where there are some; prefill pieces stay on torch's products.
+        self.fused_max_rows = 32
         self.norm = rms_norm  # RMSNorm (x, weight, eps); a backend may install a fused one
         # A backend's static-shape steps (clasp.static_step.StaticSteps, CUDA graphs on CUDA): tried
         # first for the one-token and few-row passes they cover; None: every pass runs eagerly.
@@ -372,13 +375,10 @@ class ModelRunner:
         for s in segments:
             if s.start + s.num_tokens > cache.max_length:
                 raise ValueError(f"KV cache overflow: position {s.start + s.num_tokens} > capacity {cache.max_length}")
-        if (self.fused_step is not None and len(segments) == 1 and segments[0].num_tokens == 1
-                and hidden_states is None and not (draft and self.draft_has_copy)):
-            seg = segments[0]
-            logits = self.fused_step.forward(int(seg.token_ids[0]), cache.slot_view(seg.slot), seg.start,
-                                             self._rope_cos, self._rope_sin, seg.skip_set)
-            cache.lengths[seg.slot] = seg.start + 1
-            return logits
+        if hidden_states is None and num_rows <= self.fused_max_rows:
+            fused = self.fused_draft if draft and self.draft_has_copy else self.fused_step
+            if fused is not None:
+                return self._fused_forward(fused, segments, cache, num_rows, last_only)
         if self.static_steps is not None:
             logits = self.static_steps.forward(segments, cache, draft, last_only, hidden_states)
             if logits is not None:
@@ -418,6 +418,38 @@ class ModelRunner:
             x = x[last_rows]
         head = weights.lm_head if draft else self.full_weights(x.shape[0]).lm_head
         return head(self.norm(x, weights.final_norm, self.spec.rms_norm_eps)).float()
+
+    def _fused_forward(self, fused, segments: Sequence[Segment], cache: KVCache, num_rows: int,
+                       last_only: bool) -> torch.Tensor:
+        """forward_batch through a one-call C++ model (clasp.cpu_draft: the fp32 step, or the int8
+        draft over its copy): one token alone through its one-token path, more rows in one call."""
+        if len(segments) == 1 and num_rows == 1:
+            seg = segments[0]
+            if fused is self.fused_step:
+                logits = fused.forward(int(seg.token_ids[0]), cache.slot_view(seg.slot), seg.start, self._rope_cos,
+                                       self._rope_sin, seg.skip_set)
+            else:
+                logits = fused.forward(int(seg.token_ids[0]), cache.slot_view(seg.slot), seg.start, seg.skip_set,
+                                       self._rope_cos, self._rope_sin)
+            cache.lengths[seg.slot] = seg.start + 1
+            return logits
+        tokens, slots, positions, skips = [], [], [], []
+        for seg in segments:
+            n = seg.num_tokens
+            tokens += seg.token_ids.tolist()
+            slots += [seg.slot] * n
+            positions += range(seg.start, seg.start + n)
+            skips += [seg.skip_set] * n
+        if fused is self.fused_step:
+            logits = fused.forward_rows(tokens, slots, positions, cache, self._rope_cos, self._rope_sin,
+                                        skips if any(skips) else None)
+        else:
+            logits = fused.forward_rows(tokens, slots, positions, cache, skips, self._rope_cos, self._rope_sin)
+        for seg in segments:
+            cache.lengths[seg.slot] = seg.start + seg.num_tokens
+        if last_only:
+            logits = logits[[end - 1 for end in itertools.accumulate(s.num_tokens for s in segments)]]
+        return logits
 
     def _partial_layer(self, layer_fn, x, lw, layer, cache, segments, cos, sin) -> torch.Tensor:
         """Layer `layer` for the rows of the segments that do not skip it; the others keep x."""

@@ -51,10 +51,10 @@ def test_batched_draft_with_different_skip_sets(engine):
 
 
 def test_batched_draft_step_equals_each_request_alone(engine):
-    """Several requests' draft tokens through torch ops over the int8 copy (weights read once for all
-    rows) equal each request's own torch-op draft, skip sets and all; the fused one-call draft, which
-    normalizes in double precision before quantizing activations, may round an activation the other
-    way, so against it only the proposed tokens are compared."""
+    """Several requests' draft tokens in one multi-row fused call (weights read once for all rows)
+    equal each request's own draft through the same kernel, skip sets and all, and propose what one
+    fused call per request proposes (that path normalizes in double precision before quantizing
+    activations, so its logits may differ by an activation rounded the other way)."""
     runner = engine.runner
     if runner.fused_draft is None:
         pytest.skip("no fused CPU draft on this machine")
@@ -63,7 +63,7 @@ def test_batched_draft_step_equals_each_request_alone(engine):
     saved = runner.fused_draft_max_rows
     outputs = {}
     try:
-        for max_rows in (1, 64):  # 1: batched torch ops from two requests on; 64: one fused call each
+        for max_rows in (1, 64):  # 1: one multi-row call from two requests on; 64: one fused call each
             runner.fused_draft_max_rows = max_rows
             cache = runner.new_cache(128, num_slots=4)
             for slot, t in enumerate(ids):

@@ -155,3 +155,35 @@ def test_forced_choices_and_bad_names(engine):
         set_up_fp32(engine.runner, LoadOptions(None, None, fp32_kernel="mkl"))
     info = engine.runner.backend.describe()["fp32_kernel"]
     assert info is not None and isinstance(info["one_call_step"], bool)
+
+
+def test_rows_in_one_call_match_the_torch_path(own_runner, engine):
+    """A ragged batch (a verification of four tokens in one slot, one token in another, a third
+    request two tokens in) through one C++ call equals the torch path's logits and KV, with and
+    without per-row skip sets."""
+    runner = own_runner
+    ids = [torch.tensor(engine.encode(p)) for p in PROMPTS + ["Name three rivers in Europe."]]
+    for isa in isas():
+        fp32_kernels.install(runner, Fp32KernelChoice.forced(f"clasp-{isa}"))
+        fused = runner.fused_step
+        for skips in ([frozenset()] * 3, [frozenset({2, 5}), frozenset(), frozenset({29})]):
+            out, caches = [], []
+            for step in (fused, None):
+                runner.fused_step = step
+                cache = runner.new_cache(96, num_slots=3)
+                starts = [len(t) - n for t, n in zip(ids, (4, 1, 2))]
+                for slot, (t, start) in enumerate(zip(ids, starts)):
+                    runner.forward(t[:start], cache, 0, slot=slot)
+                segments = [Segment(slot, start, t[start:], k) for slot, (t, start, k) in enumerate(zip(ids, starts, skips))]
+                out.append(runner.forward_batch(segments, cache, draft=any(skips)))
+                assert cache.lengths == [len(t) for t in ids]
+                caches.append(cache)
+            runner.fused_step = fused
+            assert out[0].shape == (7, runner.spec.vocab_size)
+            torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
+            for layer in range(runner.spec.num_layers):
+                torch.testing.assert_close(caches[0].keys[layer], caches[1].keys[layer], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(caches[0].values[layer], caches[1].values[layer], rtol=1e-4, atol=1e-4)
+            last = runner.forward_batch([Segment(0, len(ids[0]) - 1, ids[0][-1:])], caches[0], last_only=True)
+            assert last.shape == (1, runner.spec.vocab_size)
+    fp32_kernels.install(runner, Fp32KernelChoice.forced("torch"))
