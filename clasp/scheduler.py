@@ -42,61 +42,90 @@ BATCH_PREFILL_CHUNK_TOKENS = 128  # prompt tokens per step while other requests 
 class BatchPolicy:
     """The batch's draft cap per round: at most how many tokens any request drafts (0: a plain step
     for all; None: as each request's own controller chooses), by measured tokens per second of
-    steps at each batch size b >= 2 (b = 1 is left to the request's controller).
+    steps at each batch size b >= 2 (b = 1 is left to the request's controller). Batch sizes share
+    their figures within powers of two (2, 3-4, 5-8, 9-16, ...): a batch shrinks a stream at a time,
+    and its neighbours cost about the same.
 
     On a memory-bound CPU a plain step for b requests costs little more than for one, while a
     drafted round costs b x (k + 1) verification rows and a draft pass per position, so the best
-    cap falls as b grows: long drafts for two streams, short ones or none for eight. Each cap in
-    CAPS is measured `warm_steps` times at a batch size before the best is used; then every
-    `interval` steps the least recently tried other cap runs once. A try that does not win doubles
-    that batch size's interval (up to max_interval: exploring then costs under 1% of the steps);
-    one that wins resets it. Rates are decayed means (weight `decay` on the old value), so a
-    change in the load or the acceptance of the requests moves the choice.
+    cap falls as b grows: long drafts for two streams, short ones or none for eight. Caps are first
+    measured in CAPS order, `warm_steps` times each, plain steps first and longer drafts after
+    shorter ones; a cap that measures over `margin` below the best so far ends this warm-up (a longer
+    one would cost more rows for the same acceptance). Then the best cap runs, and every `interval`
+    steps the least recently tried other cap runs once: a try that does not win doubles the
+    interval (up to max_interval, where exploring costs under 1% of the steps), one that wins
+    resets it. Rates are decayed means (weight `decay` on the old value), so a change in the load
+    or the acceptance moves the choice.
     """
 
-    CAPS = (None, 0, 4, 2, 1)  # measured in this order
+    CAPS = (0, 1, 2, 4, None)  # warm-up order
 
-    def __init__(self, warm_steps: int = 3, interval: int = 8, max_interval: int = 128, decay: float = 0.8) -> None:
-        self.warm_steps, self.base_interval, self.max_interval, self.decay = warm_steps, interval, max_interval, decay
-        self.rates: dict[tuple[int, int | None], float] = {}  # (b, cap) -> tokens per second
+    def __init__(self, warm_steps: int = 3, interval: int = 8, max_interval: int = 128, decay: float = 0.8,
+                 margin: float = 0.1) -> None:
+        self.warm_steps, self.base_interval, self.max_interval = warm_steps, interval, max_interval
+        self.decay, self.margin = decay, margin
+        self.rates: dict[tuple[int, int | None], float] = {}  # (bucket, cap) -> tokens per second
         self.counts: dict[tuple[int, int | None], int] = {}
         self.last_tried: dict[tuple[int, int | None], int] = {}
         self.steps: dict[int, int] = {}
         self.interval: dict[int, int] = {}
+        self.warmed: set[int] = set()
         self._exploring: dict[int, int | None] = {}
 
+    @staticmethod
+    def bucket(b: int) -> int:
+        return 1 << (b - 1).bit_length()
+
     def best(self, b: int) -> int | None:
-        return max(self.CAPS, key=lambda cap: self.rates.get((b, cap), -1.0))
+        g = self.bucket(b)
+        return max((c for c in self.CAPS if (g, c) in self.rates), key=lambda c: self.rates[(g, c)], default=None)
 
     def cap(self, b: int) -> int | None:
         """The draft cap for the next step of a batch of b decoding requests."""
         if b < 2:
             return None
-        n = self.steps[b] = self.steps.get(b, 0) + 1
-        for cap in self.CAPS:  # warming up: every cap measured a few times first
-            if self.counts.get((b, cap), 0) < self.warm_steps:
+        g = self.bucket(b)
+        n = self.steps[g] = self.steps.get(g, 0) + 1
+        if g not in self.warmed:
+            cap = self._warming(g)
+            if cap != "done":
                 return cap
-        interval = self.interval.setdefault(b, self.base_interval)
+            self.warmed.add(g)
+        interval = self.interval.setdefault(g, self.base_interval)
         best = self.best(b)
         if n % interval == 0:
             others = [c for c in self.CAPS if c != best]
-            cap = min(others, key=lambda c: self.last_tried.get((b, c), 0))
-            self._exploring[b] = cap
+            cap = min(others, key=lambda c: self.last_tried.get((g, c), 0))
+            self._exploring[g] = cap
             return cap
         return best
+
+    def _warming(self, g: int):
+        """The next cap to measure in the warm-up of bucket g, or "done"."""
+        best_rate = 0.0
+        for cap in self.CAPS:
+            count = self.counts.get((g, cap), 0)
+            if count < self.warm_steps:
+                return cap
+            rate = self.rates[(g, cap)]
+            if rate < (1 - self.margin) * best_rate:
+                return "done"  # longer drafts than this one would not pay here either
+            best_rate = max(best_rate, rate)
+        return "done"
 
     def observe(self, b: int, cap: int | None, tokens: int, seconds: float) -> None:
         if b < 2 or seconds <= 0:
             return
-        key = (b, cap)
+        g = self.bucket(b)
+        key = (g, cap)
         rate, old = tokens / seconds, self.rates.get(key)
         self.rates[key] = rate if old is None else self.decay * old + (1 - self.decay) * rate
         self.counts[key] = self.counts.get(key, 0) + 1
-        self.last_tried[key] = self.steps.get(b, 0)
-        if self._exploring.get(b, "none") == cap:
-            del self._exploring[b]
+        self.last_tried[key] = self.steps.get(g, 0)
+        if g in self._exploring and self._exploring[g] == cap:
+            del self._exploring[g]
             won = self.best(b) == cap
-            self.interval[b] = self.base_interval if won else min(2 * self.interval[b], self.max_interval)
+            self.interval[g] = self.base_interval if won else min(2 * self.interval[g], self.max_interval)
 
 
 class Scheduler:
