@@ -142,10 +142,15 @@ def install(runner: ModelRunner, choice: Fp32KernelChoice) -> None:
     block_weights(runner, choice.isa)
     for m in runner.weights.matrices():
         m.min_rows, m.max_rows = 1, choice.max_rows
-    if choice.fused_step:
+    if choice.fused_step and one_call_possible(runner):
         runner.enable_fused_step(choice.isa)
     else:
         runner.fused_step = None
+
+
+def one_call_possible(runner: ModelRunner) -> bool:
+    """Whether the one-call step covers this model (not with q/k norms, as in Qwen3)."""
+    return applicable(runner) and runner.weights.layers[0].q_norm is None
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -276,7 +281,9 @@ def choose(runner: ModelRunner, ids: torch.Tensor, candidates: list[str], packed
     else:
         isa, max_rows = select(ms, errors)
     step_ms, agreement, fused = {}, None, False
-    if isa is not None:
+    if isa is not None and not one_call_possible(runner):
+        install(runner, Fp32KernelChoice(isa, max_rows, False, ms, errors, {}, None, 0.0))
+    elif isa is not None:
         install(runner, Fp32KernelChoice(isa, max_rows, True, ms, errors, {}, None, 0.0))
         step_ms, agreement, difference = measure_step(runner, ids)
         # The one-call step computes what the runner's step does, to rounding: it must agree with the
