@@ -375,14 +375,14 @@ class ModelRunner:
         for s in segments:
             if s.start + s.num_tokens > cache.max_length:
                 raise ValueError(f"KV cache overflow: position {s.start + s.num_tokens} > capacity {cache.max_length}")
-        if hidden_states is None and num_rows <= self.fused_max_rows:
-            fused = self.fused_draft if draft and self.draft_has_copy else self.fused_step
-            if fused is not None:
-                return self._fused_forward(fused, segments, cache, num_rows, last_only)
         if self.static_steps is not None:
             logits = self.static_steps.forward(segments, cache, draft, last_only, hidden_states)
             if logits is not None:
                 return logits
+        if hidden_states is None and num_rows <= self.fused_max_rows:
+            fused = self.fused_draft if draft and self.draft_has_copy else self.fused_step
+            if fused is not None:
+                return self._fused_forward(fused, segments, cache, num_rows, last_only)
         last_rows = None  # with last_only, the row of each segment's last token
         if last_only:
             ends = list(itertools.accumulate(s.num_tokens for s in segments))
