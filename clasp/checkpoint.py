@@ -81,13 +81,24 @@ def load_runner(path: Path, config: dict, dtype: torch.dtype, device: torch.devi
     turn, so peak memory stays about one layer above the model's size."""
     from safetensors import safe_open
 
-    spec = ModelSpec.from_config(lambda key, default=None: config.get(key, default))
     from clasp.loading import rope_parameters
 
-    inv_freq = inverse_frequencies(rope_parameters(config), spec.head_dim, config.get("partial_rotary_factor", 1.0))
+    required = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size", "rms_norm_eps",
+                "max_position_embeddings")
+    if any(config.get(key) is None for key in required) or config.get("partial_rotary_factor", 1.0) != 1.0:
+        return None  # defaults and partial rotary: transformers knows them
+    spec = ModelSpec.from_config(lambda key, default=None: config.get(key, default))
+    inv_freq = inverse_frequencies(rope_parameters(config), spec.head_dim)
     files = _tensor_files(path)
     if inv_freq is None or files is None:
         return None
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.{i}.{name}" for i in range(spec.num_layers)
+        for name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                     "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                     "input_layernorm.weight", "post_attention_layernorm.weight")]
+    if any(name not in files for name in names):
+        return None  # another naming scheme: transformers maps it
     handles = {}
 
     def get(name: str) -> torch.Tensor:

@@ -257,8 +257,9 @@ class FusedFp32Step:
 
     def __init__(self, spec, embed: torch.Tensor, weights, isa: str = "portable") -> None:
         """weights: the runner's full weights. Matrices with a blocked copy already
-        (clasp.matrices.BlockedFp32Weight) share its kernel, so the step costs no memory and
-        follows its instruction set; plain ones are copied."""
+        (clasp.matrices.BlockedFp32Weight) share its weights, so the step costs no memory; plain
+        ones are copied. The step keeps its own instruction set (`isa`), set here and by the setter:
+        switching a shared matrix's does not switch the step's."""
         if isa not in FP32_ISAS:
             raise ValueError(f"isa must be one of {', '.join(FP32_ISAS)}, got {isa!r}")
         from clasp.matrices import BlockedFp32Weight, DenseMatrix

@@ -134,9 +134,7 @@ def install(runner: ModelRunner, choice: Fp32KernelChoice) -> None:
     """Set the runner's few-row products and plain step per `choice`. Raises RuntimeError where
     this CPU cannot run its instruction set."""
     if choice.isa is None or choice.max_rows == 0:
-        for m in runner.weights.matrices():
-            if isinstance(m, BlockedFp32Weight):
-                m.max_rows = 0
+        unblock_weights(runner)  # the blocked copies' memory goes back
         runner.fused_step = None
         return
     block_weights(runner, choice.isa)
@@ -144,8 +142,20 @@ def install(runner: ModelRunner, choice: Fp32KernelChoice) -> None:
         m.min_rows, m.max_rows = 1, choice.max_rows
     if choice.fused_step and one_call_possible(runner):
         runner.enable_fused_step(choice.isa)
+        runner.fused_step_max_rows = choice.max_rows  # passes of more rows take torch's products
     else:
         runner.fused_step = None
+
+
+def unblock_weights(runner: ModelRunner) -> None:
+    """Back to plain matrices (dropping the blocked copies), in place."""
+    def plain(m):
+        return DenseMatrix(m.weight, m.pad_single_row) if isinstance(m, BlockedFp32Weight) else m
+
+    for lw in runner.weights.layers:
+        for name in MATRICES:
+            setattr(lw, name, plain(getattr(lw, name)))
+    runner.weights.lm_head = plain(runner.weights.lm_head)
 
 
 def one_call_possible(runner: ModelRunner) -> bool:

@@ -177,9 +177,11 @@ class ModelRunner:
         # over the same int8 copy, whose products read the weights once for all rows (the CPU backend
         # measures where that starts to pay).
         self.fused_draft_max_rows = 1
-        # Passes of up to this many rows (verification, batched steps) go through the one-call models
-        # (fused_step, fused_draft) where there are some; prefill pieces stay on torch's products.
+        # Passes of up to this many rows (batched drafts; verification and batched steps: the second,
+        # the rows the fp32 kernel was measured faster for) go through the one-call models
+        # (fused_draft, fused_step) where there are some; prefill pieces stay on torch's products.
         self.fused_max_rows = 32
+        self.fused_step_max_rows = 0
         self.norm = rms_norm  # RMSNorm (x, weight, eps); a backend may install a fused one
         # A backend's static-shape steps (clasp.static_step.StaticSteps, CUDA graphs on CUDA): tried
         # first for the one-token and few-row passes they cover; None: every pass runs eagerly.
@@ -379,9 +381,10 @@ class ModelRunner:
             logits = self.static_steps.forward(segments, cache, draft, last_only, hidden_states)
             if logits is not None:
                 return logits
-        if hidden_states is None and num_rows <= self.fused_max_rows:
+        if hidden_states is None and (num_rows == 1 or not last_only):  # not prefill pieces: their lm_head is one row
             fused = self.fused_draft if draft and self.draft_has_copy else self.fused_step
-            if fused is not None:
+            limit = self.fused_max_rows if fused is self.fused_draft else self.fused_step_max_rows
+            if fused is not None and num_rows <= limit:
                 return self._fused_forward(fused, segments, cache, num_rows, last_only)
         last_rows = None  # with last_only, the row of each segment's last token
         if last_only:

@@ -64,7 +64,7 @@ class BatchPolicy:
                  margin: float = 0.1) -> None:
         self.warm_steps, self.base_interval, self.max_interval = warm_steps, interval, max_interval
         self.decay, self.margin = decay, margin
-        self.rates: dict[tuple[int, int | None], float] = {}  # (bucket, cap) -> tokens per second
+        self.rates: dict[tuple[int, int | None], float] = {}  # (bucket, cap) -> tokens per second per request
         self.counts: dict[tuple[int, int | None], int] = {}
         self.last_tried: dict[tuple[int, int | None], int] = {}
         self.steps: dict[int, int] = {}
@@ -118,7 +118,7 @@ class BatchPolicy:
             return
         g = self.bucket(b)
         key = (g, cap)
-        rate, old = tokens / seconds, self.rates.get(key)
+        rate, old = tokens / seconds / b, self.rates.get(key)  # per request: sizes within a bucket compare
         self.rates[key] = rate if old is None else self.decay * old + (1 - self.decay) * rate
         self.counts[key] = self.counts.get(key, 0) + 1
         self.last_tried[key] = self.steps.get(g, 0)

@@ -70,6 +70,7 @@ class BatchLoop:
     def submit(self, stream: Stream) -> None:
         """Queue a stream to join at the next round boundary (the caller holds a slot permit)."""
         self.joining.append(stream)
+        self._loop = self._loop or asyncio.get_running_loop()  # a request can come before start()
         if self._task is None or self._task.done():
             self._task = self._loop.create_task(self._drive(), name="batch-loop")
 
@@ -85,6 +86,17 @@ class BatchLoop:
 
     # ------------------------------------------------------------------ on the torch thread
     def _run_until_idle(self) -> None:
+        try:
+            self._rounds()
+        except BaseException as e:  # a bug outside a step: fail every stream it holds rather than strand them
+            log.exception("engine loop failed", streams=len(self.running), waiting=len(self.joining))
+            for stream in list(self.running.values()):
+                self._finish(stream, e)
+            while self.joining:
+                stream = self.joining.popleft()
+                self._loop.call_soon_threadsafe(_deliver, [(stream, e)])
+
+    def _rounds(self) -> None:
         while not self._stopping:
             self._drop_cancelled()
             self._admit()
@@ -133,7 +145,8 @@ class BatchLoop:
             self.running[id(stream.request)] = stream
 
     def _finish(self, stream: Stream, error: BaseException) -> None:
-        self.scheduler.release(stream.request)
+        if stream.request is not None:
+            self.scheduler.release(stream.request)
         self.running.pop(id(stream.request), None)
         self._loop.call_soon_threadsafe(_deliver, [(stream, error)])
 

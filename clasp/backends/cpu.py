@@ -211,8 +211,18 @@ def set_up_fp32(runner: ModelRunner, options: LoadOptions) -> Fp32KernelChoice |
         if forced not in names:
             raise ValueError(f"fp32_kernel {forced} cannot run here (available: {', '.join(names) or 'none'})")
         names = [forced]
-    if options.calibration_ids is None:  # nothing to measure with: torch's products, as loaded
-        return None
+    elif runner.weights.nbytes() > physical_memory() // 4:  # the blocked copy costs the weights again
+        log.info("fp32 products through torch: a blocked copy of %d MiB would not fit a quarter of memory",
+                 runner.weights.nbytes() >> 20)
+        choice = fp32_kernels.Fp32KernelChoice.forced("torch")
+        fp32_kernels.install(runner, choice)
+        return choice
+    if options.calibration_ids is None:  # nothing to measure with: a forced kernel as is, else torch's products
+        if forced is None:
+            return None
+        choice = fp32_kernels.Fp32KernelChoice.forced(forced)
+        fp32_kernels.install(runner, choice)
+        return choice
 
     def packed():
         if packing_available(runner) and runner.weights.nbytes() <= physical_memory() // 4:
@@ -289,7 +299,7 @@ class CpuBackend:
         pack = options.pack_weights
         if pack is None:  # where torch keeps the few-row products, where it fits
             pack = (packing_available(runner) and runner.weights.nbytes() <= physical_memory() // 4
-                    and (self.fp32_kernel is None or self.fp32_kernel.max_rows < PackedWeight.MIN_ROWS))
+                    and (self.fp32_kernel is None or self.fp32_kernel.isa is None))  # no third copy
         if pack:
             pack_weights(runner)
         return self.draft_kernel
