@@ -53,7 +53,7 @@ from benchmarks.bench_engine import (CATEGORIES, ENGINE_VARIANTS, WARMUP_PROMPT,
                                      add_question_args, git_commit, group_by_category, load_questions,
                                      machine_info, measure_bandwidth, parse_methods, peak_rss_mib)
 from clasp import fp32_kernels  # noqa: E402
-from clasp.config import ClaspConfig, SamplingParams  # noqa: E402
+from clasp.config import DRAFT_KERNELS, FP32_KERNELS, ClaspConfig, SamplingParams  # noqa: E402
 from clasp.engine import Engine  # noqa: E402
 from clasp.loading import EMBEDDED_MODEL_NAME  # noqa: E402
 
@@ -337,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gguf-dir", type=Path, required=True,
                         help=f"directory with {EMBEDDED_MODEL_NAME}-{{f32,f16,q8_0}}.gguf (made by make bench-peers)")
     parser.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp (default: 2)")
+    parser.add_argument("--fp32-kernel", default="auto", choices=("auto",) + FP32_KERNELS,
+                        help="force our fp32 products and plain step (default: chosen at load)")
+    parser.add_argument("--draft-kernel", default="auto", choices=("auto",) + DRAFT_KERNELS,
+                        help="force our int8 draft kernel (default: chosen at load)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: benchmarks/results)")
     parser.add_argument("--tag", default=None, help="results file name: peers-<tag>.{json,md} (default: a timestamp)")
     return parser
@@ -363,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     config = ClaspConfig()
-    engine = Engine.load(None, config, device="cpu", dtype="float32")
+    engine = Engine.load(None, config, device="cpu", dtype="float32",
+                         fp32_kernel=None if args.fp32_kernel == "auto" else args.fp32_kernel,
+                         draft_kernel=None if args.draft_kernel == "auto" else args.draft_kernel)
     questions = load_questions(args.questions, None if args.full else args.per_category)
     prompts = [engine.encode(q.prompt) for q in questions]  # the chat template, as bench_engine
     n_ctx = -(-(max(len(p) for p in prompts) + args.max_new_tokens + 16) // 256) * 256
