@@ -203,10 +203,13 @@ class Scheduler:
                 prefilling = True
             running.append(req)
         decoding = sum(not r.prefilling for r in running)
-        cap = self.policy.cap(decoding)
+        # Only where some request may draft does the cap matter: plain-decoding (ar) batches must not
+        # teach the policy that a cap costs what a plain step does.
+        may_draft = any(not r.prefilling and r.draft_budget > 0 for r in running)
+        cap = self.policy.cap(decoding) if may_draft else None
         started = time.perf_counter()
         chunks = step(self.engine.runner, running, cap)
-        if not prefilling:  # a prefill piece in the step would blur the comparison
+        if may_draft and not prefilling:  # a prefill piece in the step would blur the comparison
             self.policy.observe(decoding, cap, sum(len(c.token_ids) for c in chunks), time.perf_counter() - started)
         for req in running:
             if req.finished:

@@ -152,3 +152,16 @@ def test_batch_policy_runs_the_fastest_cap_and_keeps_trying_the_others():
         policy.observe(8, cap, rates[cap], 1.0)
     assert policy.best(8) == 0
     assert policy.rates[(8, 0)] > policy.rates[(8, 2)]
+
+
+def test_plain_decoding_batches_do_not_teach_the_policy(engine):
+    """The draft cap only matters where a request may draft: steps of ar-only batches are not
+    measured (they would make every cap look as cheap as a plain step); clasp batches are."""
+    scheduler = Scheduler(engine, num_slots=2, slot_tokens=256)
+    prompts = [engine.encode(p) for p in PROMPTS[:2]]
+    for mode, measured in (("ar", False), ("clasp", True)):
+        for p in prompts:
+            scheduler.admit(p, SamplingParams(max_new_tokens=12), ClaspConfig(mode=mode))
+        while scheduler.active:
+            scheduler.step()
+        assert bool(scheduler.policy.rates) == measured, mode
