@@ -214,7 +214,7 @@ def _prefill_piece(runner: ModelRunner, req: Request) -> Chunk:
         if req.initial_plan is not None:
             schedule.adopt(req.initial_plan, 0, req.plans)
         else:
-            req.exchange.submit(PlanInput(0, hidden, len(prompt) - 1, list(prompt), schedule.num_skip))
+            req.first_plan_input = PlanInput(0, hidden, len(prompt) - 1, list(prompt), schedule.num_skip)
     if schedule.speculative and not req.plans:
         if schedule.dynamic:
             schedule.poll(req.exchange, 0, req.plans, req.stats)
@@ -255,6 +255,10 @@ def _choose(req: Request, draft_cap: int | None = None) -> None:
                                        else None)
     else:
         choice = RoundChoice(MODEL if budget > 0 else PLAIN, budget)
+    if choice.source == MODEL and req.first_plan_input is not None:  # the first model draft: plan for it now
+        req.exchange.submit(req.first_plan_input)
+        req.first_plan_input = None
+        req.schedule.poll(req.exchange, req.stats.num_rounds, req.plans, req.stats)
     skip_set, collect = req.schedule.for_round(choice)
     req.round = RoundPlan(choice, skip_set, collect)
 

@@ -134,6 +134,9 @@ class Request:
     token_id: int | None = None  # the newest emitted token, not yet run through the model
     position: int = 0  # where token_id will be processed
     round: RoundPlan | None = None
+    # The first plan request (the prompt's last hidden states), held until the request first drafts
+    # with the model: one that never does (plain steps in a large batch) costs no DP.
+    first_plan_input: "object | None" = None  # clasp.plan_exchange.PlanInput
     result: "object | None" = None  # clasp.decoding.GenerationResult once finished
 
     @property

@@ -54,13 +54,13 @@ class BatchPolicy:
     one would cost more rows for the same acceptance). Then the best cap runs, and every `interval`
     steps the least recently tried other cap runs once: a try that does not win doubles the
     interval (up to max_interval, where exploring costs under 1% of the steps), one that wins
-    resets it. Rates are decayed means (weight `decay` on the old value), so a change in the load
+    resets it; to replace the cap in use, another must measure `margin` faster. Rates are decayed means (weight `decay` on the old value), so a change in the load
     or the acceptance moves the choice.
     """
 
     CAPS = (0, 1, 2, 4, None)  # warm-up order
 
-    def __init__(self, warm_steps: int = 3, interval: int = 8, max_interval: int = 128, decay: float = 0.8,
+    def __init__(self, warm_steps: int = 2, interval: int = 16, max_interval: int = 128, decay: float = 0.8,
                  margin: float = 0.1) -> None:
         self.warm_steps, self.base_interval, self.max_interval = warm_steps, interval, max_interval
         self.decay, self.margin = decay, margin
@@ -70,6 +70,7 @@ class BatchPolicy:
         self.steps: dict[int, int] = {}
         self.interval: dict[int, int] = {}
         self.warmed: set[int] = set()
+        self.current: dict[int, int | None] = {}  # the cap in use per bucket
         self._exploring: dict[int, int | None] = {}
 
     @staticmethod
@@ -77,8 +78,16 @@ class BatchPolicy:
         return 1 << (b - 1).bit_length()
 
     def best(self, b: int) -> int | None:
+        """The cap in use at b's bucket: the fastest measured, except that another must beat the
+        one in use by `margin` to replace it (one lucky step of a re-tried cap must not)."""
         g = self.bucket(b)
-        return max((c for c in self.CAPS if (g, c) in self.rates), key=lambda c: self.rates[(g, c)], default=None)
+        fastest = max((c for c in self.CAPS if (g, c) in self.rates), key=lambda c: self.rates[(g, c)], default=None)
+        current = self.current.get(g, "none")
+        if current != "none" and fastest != current and (g, current) in self.rates:
+            if self.rates[(g, fastest)] < (1 + self.margin) * self.rates[(g, current)]:
+                return current
+        self.current[g] = fastest
+        return fastest
 
     def cap(self, b: int) -> int | None:
         """The draft cap for the next step of a batch of b decoding requests."""
