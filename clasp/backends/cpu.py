@@ -102,8 +102,8 @@ def calibrate_packed_rows(plain: Weights, packed: Weights, repeats: int = 5) -> 
 
 def calibrate_fused_draft_rows(runner: ModelRunner, ids: torch.Tensor, batch_sizes=(2, 4, 8),
                                repeats: int = 5) -> int:
-    """The largest batch for which B one-token fused draft calls beat one batched torch-op draft over
-    the same int8 matrices (which read the weights once for all B rows): 1 where batching wins from 2.
+    """The largest batch for which B one-token fused draft calls beat one multi-row fused call over
+    the same int8 matrices (which reads the weights once for all B rows): 1 where batching wins from 2.
     Timed alternately on B slots holding the calibration text, median of `repeats` paired ratios;
     batching must be 10% faster to take over (the fused call is the tuned single-stream path)."""
     from clasp.model_runner import Segment
@@ -135,7 +135,7 @@ def calibrate_fused_draft_rows(runner: ModelRunner, ids: torch.Tensor, batch_siz
             if ratios[len(ratios) // 2] < 0.9:
                 break
             largest = b
-    log.info("fused draft: one call per request up to %d requests per step, batched torch ops beyond", largest)
+    log.info("fused draft: one call per request up to %d requests per step, one multi-row call beyond", largest)
     return largest
 
 
