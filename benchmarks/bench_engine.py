@@ -62,7 +62,7 @@ if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
     sys.path.insert(0, str(REPO))
 
 from benchmarks.chart import chart_title, render_chart  # noqa: E402
-from benchmarks.report import fmt, tokens_per_s_cell  # noqa: E402
+from benchmarks.report import fmt, tokens_per_s_cell, write_report  # noqa: E402
 from clasp import draft_kernels, fp32_kernels  # noqa: E402
 from clasp.config import DRAFT_DTYPE_CHOICES, ClaspConfig, SamplingParams  # noqa: E402
 from clasp.cpu_draft import cpu_flags, cpu_name  # noqa: E402
@@ -475,13 +475,8 @@ def measure_bandwidth(device: torch.device, mib: int = 1024, repeats: int = 5) -
 def write_results(summary: dict, out_dir: Path, tag: str, prefix: str = "engine",
                   render: Callable[[dict], str] = render_markdown, baseline: str = "ar") -> Path:
     """<prefix>-<tag>.{json,md,png} in out_dir, and <prefix>-latest.{md,png} overwritten."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{prefix}-{tag}"  # not Path.with_suffix: a prefix like "sampling-t0.7" has a dot
-    json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(summary, indent=1) + "\n")
-    markdown = render(summary)
-    (out_dir / f"{stem}.md").write_text(markdown)
-    (out_dir / f"{prefix}-latest.md").write_text(markdown)
+    json_path = write_report(summary, out_dir, prefix, tag, render(summary))
+    stem = f"{prefix}-{tag}"
     png = render_chart(summary, out_dir / f"{stem}.png", baseline, chart_title(summary, f"{prefix} benchmark"))
     shutil.copyfile(png, out_dir / f"{prefix}-latest.png")
     return json_path

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import datetime
 import importlib.util
-import json
 import signal
 import sys
 import tempfile
@@ -49,7 +48,7 @@ from benchmarks.bench_engine import (DEFAULT_OUT, QUICK_MAX_NEW_TOKENS, Question
                                      load_questions, machine_info, DEFAULT_QUESTIONS)
 from benchmarks.bench_service import (free_port, log_tail, process_peak_rss_mib, service_env,  # noqa: E402
                                       service_stack, start_process, stop_process)
-from benchmarks.report import fmt  # noqa: E402
+from benchmarks.report import fmt, write_report  # noqa: E402
 from clasp.config import SamplingParams  # noqa: E402
 from clasp.engine import Engine  # noqa: E402
 from clasp.loading import resolve_device  # noqa: E402
@@ -329,14 +328,10 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": peak_rss, "wall_seconds": time.perf_counter() - started}
     summary = {"meta": meta, "overall": overall, "ratios": ratios, "short": short,
                "rows": [{k: v for k, v in dataclasses.asdict(r).items() if k != "text"} for r in rows]}
-    tag = args.tag or timestamp.strftime("%Y%m%d-%H%M%S")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"http-{tag}.json").write_text(json.dumps(summary, indent=1) + "\n")
     markdown = render_markdown(summary)
-    (args.out / f"http-{tag}.md").write_text(markdown)
-    (args.out / "http-latest.md").write_text(markdown)
+    path = write_report(summary, args.out, "http", args.tag or timestamp.strftime("%Y%m%d-%H%M%S"), markdown)
     print(markdown, file=sys.stderr)
-    print(f"wrote {args.out / f'http-{tag}.json'} and the .md beside it", file=sys.stderr)
+    print(f"wrote {path} and the .md beside it", file=sys.stderr)
     return 0
 
 

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.report import write_report  # noqa: E402
 from benchmarks.bench_engine import git_commit, machine_info, measure_bandwidth  # noqa: E402
 from clasp import cpu_draft  # noqa: E402
 from clasp.loading import EMBEDDED_MODEL_NAME, embedded_model_dir  # noqa: E402
@@ -214,13 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                        "repeats": args.repeats, "stream_mib": stream_mib, "llc_mib": llc / 2**20,
                        "bandwidth_gb_per_s": bandwidth / 1e9, "bandwidth_buffer_mib": 1024, "fp32_isas": isas,
                        "num_layers": num_layers, "load_average": list(load), "load_average_after": list(os.getloadavg())}
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or timestamp.strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"matrices-{tag}.json"
-    path.write_text(json.dumps(summary, indent=1) + "\n")
     markdown = render_markdown(summary)
-    (args.out / f"matrices-{tag}.md").write_text(markdown)
-    (args.out / "matrices-latest.md").write_text(markdown)
+    path = write_report(summary, args.out, "matrices", args.tag or timestamp.strftime("%Y%m%d-%H%M%S"), markdown)
     print(markdown)
     print(f"wrote {path} and the .md beside it", file=sys.stderr)
     return 0

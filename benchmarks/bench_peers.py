@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
     sys.path.insert(0, str(REPO))
 
+from benchmarks.report import write_report  # noqa: E402
 from benchmarks.bench_engine import (CATEGORIES, ENGINE_VARIANTS, WARMUP_PROMPT, WARMUP_TOKENS,  # noqa: E402
                                      add_question_args, git_commit, group_by_category, load_questions,
                                      machine_info, measure_bandwidth, parse_methods, peak_rss_mib)
@@ -313,14 +314,8 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(summary: dict, out_dir: Path, tag: str) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"peers-{tag}.json"
-    path.write_text(json.dumps(summary, indent=1) + "\n")
-    markdown = render_markdown(summary)
-    (out_dir / f"peers-{tag}.md").write_text(markdown)
-    (out_dir / "peers-latest.md").write_text(markdown)
-    return path
+def write_results(summary: dict, out_dir: Path, tag: str, latest: bool = True) -> Path:
+    return write_report(summary, out_dir, "peers", tag, render_markdown(summary), latest)
 
 
 # ---------------------------------------------------------------------- main
@@ -420,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_errors": broken, "peak_rss_mib": peak_rss_mib(), "wall_seconds": time.perf_counter() - started}
     row_dicts = [{k: v for k, v in dataclasses.asdict(r).items() if k != "token_ids"} for r in rows]
     summary = {"meta": meta, "tables": summarize(rows, methods, bounds), "rows": row_dicts}
-    path = write_results(summary, args.out, args.tag or timestamp.strftime("%Y%m%d-%H%M%S"))
+    forced = args.fp32_kernel != "auto" or args.draft_kernel != "auto"  # not the default run: no -latest page
+    path = write_results(summary, args.out, args.tag or timestamp.strftime("%Y%m%d-%H%M%S"), latest=not forced)
     print(render_markdown(summary), file=sys.stderr)
     print(f"wrote {path} and the .md beside it", file=sys.stderr)
     return 0

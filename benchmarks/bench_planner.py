@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.report import write_report  # noqa: E402
 from benchmarks.bench_engine import DEFAULT_OUT, DEFAULT_QUESTIONS, git_commit, machine_info, sync  # noqa: E402
 from clasp.config import ClaspConfig  # noqa: E402
 from clasp.decoding import prefill  # noqa: E402
@@ -111,12 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             "num_layers": num_layers, "repeats": args.repeats,
             "decode_step_seconds": statistics.median(steps), "decode_step_context": contexts[-1]}
     summary = {"meta": meta, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or timestamp.strftime("%Y%m%d-%H%M%S")
-    (args.out / f"planner-{tag}.json").write_text(json.dumps(summary, indent=1) + "\n")
     markdown = render(summary)
-    (args.out / f"planner-{tag}.md").write_text(markdown)
-    (args.out / "planner-latest.md").write_text(markdown)
+    write_report(summary, args.out, "planner", args.tag or timestamp.strftime("%Y%m%d-%H%M%S"), markdown)
     print(markdown, file=sys.stderr)
     return 0
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -46,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.report import write_report  # noqa: E402
 from benchmarks.bench_engine import git_commit, machine_info, measure_bandwidth  # noqa: E402
 from clasp import cpu_draft  # noqa: E402
 from clasp.config import ClaspConfig  # noqa: E402
@@ -278,13 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             "runner_step_ms": runner_ms, "runner_of_bound": step_bytes / (runner_ms / 1000) / bandwidth,
             "checks": checks, "load_average": list(load), "load_average_after": list(os.getloadavg())}
     summary = {"meta": meta, "variants": results, "one_call": one_call, "profiler": table}
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or timestamp.strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"profile-{tag}.json"
-    path.write_text(json.dumps(summary, indent=1) + "\n")
     markdown = render_markdown(summary)
-    (args.out / f"profile-{tag}.md").write_text(markdown)
-    (args.out / "profile-latest.md").write_text(markdown)
+    path = write_report(summary, args.out, "profile", args.tag or timestamp.strftime("%Y%m%d-%H%M%S"), markdown)
     print(markdown)
     print(f"wrote {path} and the .md beside it", file=sys.stderr)
     return 0
