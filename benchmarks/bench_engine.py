@@ -120,14 +120,20 @@ class Question:
 
 
 @dataclasses.dataclass
-class Row:
-    """One method on one question."""
+class QuestionRow:
+    """What every benchmark row names: one method on one question, and its token counts."""
 
     question_id: int
     category: str
     method: str
     num_prompt_tokens: int
     num_tokens: int = 0
+
+
+@dataclasses.dataclass
+class Row(QuestionRow):
+    """One method on one question."""
+
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     finish_reason: str | None = None

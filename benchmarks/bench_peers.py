@@ -50,7 +50,7 @@ if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
     sys.path.insert(0, str(REPO))
 
 from benchmarks.report import write_report  # noqa: E402
-from benchmarks.bench_engine import (CATEGORIES, ENGINE_VARIANTS, WARMUP_PROMPT, WARMUP_TOKENS,  # noqa: E402
+from benchmarks.bench_engine import (CATEGORIES, ENGINE_VARIANTS, WARMUP_PROMPT, WARMUP_TOKENS, QuestionRow,  # noqa: E402
                                      add_question_args, git_commit, group_by_category, load_questions,
                                      machine_info, measure_bandwidth, parse_methods, peak_rss_mib)
 from clasp import fp32_kernels  # noqa: E402
@@ -67,14 +67,9 @@ BANDWIDTH_BUFFER_MIB = 1024
 
 
 @dataclasses.dataclass
-class Row:
-    """One method on one question."""
+class Row(QuestionRow):
+    """One method on one question (decode speed apart from prompt processing)."""
 
-    question_id: int
-    category: str
-    method: str
-    num_prompt_tokens: int
-    num_tokens: int = 0
     first_token_seconds: float = 0.0  # prompt processing up to the first generated token
     decode_seconds: float = 0.0  # from the first generated token to the last
     decode_tokens_per_s: float | None = None  # (num_tokens - 1) / decode_seconds
