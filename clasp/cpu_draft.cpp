@@ -1025,6 +1025,24 @@ using Fp32Model = OneTokenModel<Fp32Matrix>;
 
 }  // namespace
 
+// The Python class of OneTokenModel<Matrix> (DraftModel over int8 matrices, Fp32Model over fp32).
+template <class Matrix>
+void bind_one_token_model(py::module_& m, const char* name) {
+  using Model = OneTokenModel<Matrix>;
+  py::class_<Model>(m, name)
+      .def(py::init<torch::Tensor, torch::Tensor, const Matrix&, int64_t, int64_t, int64_t, double, int64_t>(),
+           py::arg("embed"), py::arg("final_norm"), py::arg("head"), py::arg("num_heads"), py::arg("num_kv_heads"),
+           py::arg("head_dim"), py::arg("eps"), py::arg("isa"))
+      .def("add_layer", &Model::add_layer)
+      .def_property_readonly("num_layers", &Model::num_layers)
+      .def_property("isa", &Model::isa, &Model::set_isa)
+      .def("forward_rows", &Model::forward_rows, py::call_guard<py::gil_scoped_release>(), py::arg("tokens"),
+           py::arg("slots"), py::arg("positions"), py::arg("keys"), py::arg("values"), py::arg("cos"), py::arg("sin"),
+           py::arg("skips"))
+      .def("forward", &Model::forward, py::call_guard<py::gil_scoped_release>(), py::arg("token"),
+           py::arg("keys"), py::arg("values"), py::arg("position"), py::arg("cos"), py::arg("sin"), py::arg("skip"));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "clasp: one int8 draft token per call on CPU, and fp32 few-row products";
   m.def("cpu_supports", &cpu_supports, py::arg("isa"),
@@ -1051,28 +1069,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("shape", [](const Fp32Matrix& m) { return std::make_tuple(m.n, m.k); })
       .def("forward", &Fp32Matrix::forward, py::call_guard<py::gil_scoped_release>(), py::arg("x"))
       .def("__call__", &Fp32Matrix::forward, py::call_guard<py::gil_scoped_release>(), py::arg("x"));
-  py::class_<DraftModel>(m, "DraftModel")
-      .def(py::init<torch::Tensor, torch::Tensor, const Int8Matrix&, int64_t, int64_t, int64_t, double, int64_t>(),
-           py::arg("embed"), py::arg("final_norm"), py::arg("head"), py::arg("num_heads"), py::arg("num_kv_heads"),
-           py::arg("head_dim"), py::arg("eps"), py::arg("isa"))
-      .def("add_layer", &DraftModel::add_layer)
-      .def_property_readonly("num_layers", &DraftModel::num_layers)
-      .def_property("isa", &DraftModel::isa, &DraftModel::set_isa)
-      .def("forward_rows", &DraftModel::forward_rows, py::call_guard<py::gil_scoped_release>(), py::arg("tokens"),
-           py::arg("slots"), py::arg("positions"), py::arg("keys"), py::arg("values"), py::arg("cos"), py::arg("sin"),
-           py::arg("skips"))
-      .def("forward", &DraftModel::forward, py::call_guard<py::gil_scoped_release>(), py::arg("token"),
-           py::arg("keys"), py::arg("values"), py::arg("position"), py::arg("cos"), py::arg("sin"), py::arg("skip"));
-  py::class_<Fp32Model>(m, "Fp32Model")
-      .def(py::init<torch::Tensor, torch::Tensor, const Fp32Matrix&, int64_t, int64_t, int64_t, double, int64_t>(),
-           py::arg("embed"), py::arg("final_norm"), py::arg("head"), py::arg("num_heads"), py::arg("num_kv_heads"),
-           py::arg("head_dim"), py::arg("eps"), py::arg("isa"))
-      .def("add_layer", &Fp32Model::add_layer)
-      .def_property_readonly("num_layers", &Fp32Model::num_layers)
-      .def_property("isa", &Fp32Model::isa, &Fp32Model::set_isa)
-      .def("forward_rows", &Fp32Model::forward_rows, py::call_guard<py::gil_scoped_release>(), py::arg("tokens"),
-           py::arg("slots"), py::arg("positions"), py::arg("keys"), py::arg("values"), py::arg("cos"), py::arg("sin"),
-           py::arg("skips"))
-      .def("forward", &Fp32Model::forward, py::call_guard<py::gil_scoped_release>(), py::arg("token"),
-           py::arg("keys"), py::arg("values"), py::arg("position"), py::arg("cos"), py::arg("sin"), py::arg("skip"));
+  bind_one_token_model<Int8Matrix>(m, "DraftModel");
+  bind_one_token_model<Fp32Matrix>(m, "Fp32Model");
 }

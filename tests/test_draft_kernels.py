@@ -128,3 +128,30 @@ def test_the_choice_is_measured_once_per_machine(own_engine, tmp_path, monkeypat
     path.write_text("{not json")
     assert not draft_kernels.choose_cached(runner, ids, names, "model:1x1:1").cached
     assert draft_kernels.choose_cached(runner, ids, names, "model:1x1:1").cached  # rewritten
+
+
+@pytest.mark.parametrize("name", [n for n in DRAFT_KERNELS if n.startswith("fused-")])
+def test_one_call_for_several_requests_equals_one_call_each(own_engine, engine, name):
+    """The multi-row fused draft (one call for a batch's draft position, each row its own slot,
+    position and skip set) computes exactly what one fused call per request does, in every
+    instruction set this CPU runs."""
+    runner, drafts, _, _ = own_engine
+    if name not in draft_kernels.available(runner):
+        pytest.skip(f"{name} cannot run here")
+    drafts.install(name)
+    fused = runner.fused_draft
+    ids = [torch.tensor(engine.encode(p)) for p in ("Name three rivers in Europe.", "Describe a sunrise.",
+                                                     "Write a short poem about the sea.")]
+    skips = [frozenset(), frozenset({3, 11}), frozenset({0, 29})]
+    caches = [runner.new_cache(64, num_slots=3) for _ in range(2)]
+    for cache in caches:
+        for slot, t in enumerate(ids):
+            runner.forward(t[:-1], cache, 0, slot=slot)
+    tokens, slots, positions = [int(t[-1]) for t in ids], [0, 1, 2], [len(t) - 1 for t in ids]
+    together = fused.forward_rows(tokens, slots, positions, caches[0], skips, runner._rope_cos, runner._rope_sin)
+    alone = torch.cat([fused.forward(t, caches[1].slot_view(s), p, k, runner._rope_cos, runner._rope_sin)
+                       for t, s, p, k in zip(tokens, slots, positions, skips)])
+    assert torch.equal(together, alone)
+    for layer in range(runner.spec.num_layers):
+        assert torch.equal(caches[0].keys[layer], caches[1].keys[layer])
+        assert torch.equal(caches[0].values[layer], caches[1].values[layer])
