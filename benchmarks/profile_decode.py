@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
              for isa in isas}
 
     def fused_step(step) -> torch.Tensor:
-        logits = step.forward(token_id, cache, position, runner._rope_cos, runner._rope_sin)
+        logits = step.forward(token_id, cache, position, frozenset(), runner._rope_cos, runner._rope_sin)
         cache.length = position + 1
         return logits
 

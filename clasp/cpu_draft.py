@@ -293,16 +293,18 @@ class FusedFp32Step:
             raise ValueError(f"isa must be one of {', '.join(FP32_ISAS)}, got {isa!r}")
         self._model.isa = FP32_ISAS[isa]
 
-    def forward(self, token_id: int, cache: KVCache, position: int, cos: torch.Tensor, sin: torch.Tensor,
-                skip_set: frozenset[int] = frozenset()) -> torch.Tensor:
+    def forward(self, token_id: int, cache: KVCache, position: int, skip_set: frozenset[int], cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
         """Logits [1, vocab] (float32) for token_id at `position`; writes its KV (not cache.length).
-        cos/sin: the runner's rotary tables (sin signed as in model_runner.rope)."""
+        cos/sin: the runner's rotary tables (sin signed as in model_runner.rope). The same call as
+        FusedDraft.forward."""
         return self._model.forward(token_id, cache.keys, cache.values, position, cos, sin, sorted(skip_set))
 
     def forward_rows(self, token_ids: list[int], slots: list[int], positions: list[int], cache: KVCache,
-                     cos: torch.Tensor, sin: torch.Tensor, skip_sets: list[frozenset[int]] | None = None) -> torch.Tensor:
+                     skip_sets: list[frozenset[int]], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] for N rows in one call: row i is token_ids[i] at positions[i] of slot
         slots[i] (a request's rows are consecutive positions: a verification is causal within
-        itself), skipping skip_sets[i] (None: no layer). Writes their KV (not cache.lengths)."""
-        skips = [] if skip_sets is None else [sorted(k) for k in skip_sets]
-        return self._model.forward_rows(token_ids, slots, positions, cache.keys, cache.values, cos, sin, skips)
+        itself), skipping skip_sets[i]. Writes their KV (not cache.lengths). The same call as
+        FusedDraft.forward_rows."""
+        return self._model.forward_rows(token_ids, slots, positions, cache.keys, cache.values, cos, sin,
+                                        [sorted(k) for k in skip_sets])

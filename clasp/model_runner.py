@@ -425,15 +425,12 @@ class ModelRunner:
     def _fused_forward(self, fused, segments: Sequence[Segment], cache: KVCache, num_rows: int,
                        last_only: bool) -> torch.Tensor:
         """forward_batch through a one-call C++ model (clasp.cpu_draft: the fp32 step, or the int8
-        draft over its copy): one token alone through its one-token path, more rows in one call."""
+        draft over its copy; both take the same calls): one token alone through its one-token path,
+        more rows in one call."""
         if len(segments) == 1 and num_rows == 1:
             seg = segments[0]
-            if fused is self.fused_step:
-                logits = fused.forward(int(seg.token_ids[0]), cache.slot_view(seg.slot), seg.start, self._rope_cos,
-                                       self._rope_sin, seg.skip_set)
-            else:
-                logits = fused.forward(int(seg.token_ids[0]), cache.slot_view(seg.slot), seg.start, seg.skip_set,
-                                       self._rope_cos, self._rope_sin)
+            logits = fused.forward(int(seg.token_ids[0]), cache.slot_view(seg.slot), seg.start, seg.skip_set,
+                                   self._rope_cos, self._rope_sin)
             cache.lengths[seg.slot] = seg.start + 1
             return logits
         tokens, slots, positions, skips = [], [], [], []
@@ -443,11 +440,7 @@ class ModelRunner:
             slots += [seg.slot] * n
             positions += range(seg.start, seg.start + n)
             skips += [seg.skip_set] * n
-        if fused is self.fused_step:
-            logits = fused.forward_rows(tokens, slots, positions, cache, self._rope_cos, self._rope_sin,
-                                        skips if any(skips) else None)
-        else:
-            logits = fused.forward_rows(tokens, slots, positions, cache, skips, self._rope_cos, self._rope_sin)
+        logits = fused.forward_rows(tokens, slots, positions, cache, skips, self._rope_cos, self._rope_sin)
         for seg in segments:
             cache.lengths[seg.slot] = seg.start + seg.num_tokens
         if last_only:

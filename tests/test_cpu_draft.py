@@ -218,7 +218,7 @@ def _assert_step_matches(runner: ModelRunner, step: cpu_draft.FusedFp32Step, pro
     runner.forward(prompt, torch_cache, 0)
     for i, token in enumerate(tokens):
         position = len(prompt) + i
-        fused = step.forward(token, fused_cache, position, runner._rope_cos, runner._rope_sin, skip)
+        fused = step.forward(token, fused_cache, position, skip, runner._rope_cos, runner._rope_sin)
         reference = runner.forward(torch.tensor([token]), torch_cache, position, skip)
         torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
         assert int(fused.argmax()) == int(reference.argmax())
@@ -253,9 +253,9 @@ def test_fused_fp32_step_bad_calls_are_clear_errors():
     step = cpu_draft.FusedFp32Step(runner.spec, runner.embed, runner.weights, "portable")
     cache = runner.new_cache(8)
     with pytest.raises(RuntimeError, match="skipped layer 9 is out of range"):
-        step.forward(1, cache, 0, runner._rope_cos, runner._rope_sin, frozenset({9}))
+        step.forward(1, cache, 0, frozenset({9}), runner._rope_cos, runner._rope_sin)
     with pytest.raises(RuntimeError, match="rotary tables do not cover position 8"):
-        step.forward(1, cache, 8, runner._rope_cos, runner._rope_sin)
+        step.forward(1, cache, 8, frozenset(), runner._rope_cos, runner._rope_sin)
     with pytest.raises(ValueError, match="isa must be one of"):
         step.isa = "avx512-vnni"
     with pytest.raises(ValueError, match="plain float32 weights"):

@@ -190,9 +190,11 @@ def calibrate_single_rows(runner: ModelRunner) -> None:
         key = f"{shape[0]}x{shape[1]}"
         if isinstance(record.get(key), bool):
             _PAD_SINGLE_ROW.setdefault(shape, record[key])
+    recorded = all(isinstance(record.get(f"{o}x{i}"), bool) for o, i in shapes)
     for m in matrices:
         m.pad_single_row = calibrate_single_row(m.shape)
-    calibration_cache.write(path, {f"{o}x{i}": _PAD_SINGLE_ROW[(o, i)] for o, i in shapes})
+    if not recorded:  # something was measured now
+        calibration_cache.write(path, {f"{o}x{i}": _PAD_SINGLE_ROW[(o, i)] for o, i in shapes})
 
 
 def set_up_fp32(runner: ModelRunner, options: LoadOptions) -> Fp32KernelChoice | None:
