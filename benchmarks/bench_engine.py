@@ -275,22 +275,30 @@ def warm_up(runners: dict, prompt_ids: list[int]) -> dict[str, str]:
     return broken
 
 
+def fill_row(row: QuestionRow, run, prompt_ids: list[int], max_new_tokens: int, broken: dict) -> bool:
+    """One method's run into its row: the fields `run` returns, num_tokens from its token_ids, or the
+    error it raised (or raised at warm-up). Returns whether it ran."""
+    if row.method in broken:
+        row.error = broken[row.method]
+        return False
+    try:
+        for key, value in run(prompt_ids, max_new_tokens).items():
+            setattr(row, key, value)
+    except Exception as e:  # one failing method is a result, not a crash
+        row.error = f"{type(e).__name__}: {e}"
+        return False
+    row.num_tokens = len(row.token_ids)
+    return True
+
+
 def run_question(q: Question, prompt_ids: list[int], runners: dict, broken: dict, max_new_tokens: int,
                  sampling: bool = False) -> list[Row]:
     rows = []
     ar_ids = None
     for method, run in runners.items():
         row = Row(q.question_id, q.category, method, len(prompt_ids))
-        if method in broken:
-            row.error = broken[method]
-        else:
-            try:
-                for key, value in run(prompt_ids, max_new_tokens).items():
-                    setattr(row, key, value)
-                row.num_tokens = len(row.token_ids)
-                row.tokens_per_s = row.num_tokens / row.seconds if row.seconds > 0 else 0.0
-            except Exception as e:
-                row.error = f"{type(e).__name__}: {e}"
+        if fill_row(row, run, prompt_ids, max_new_tokens, broken):
+            row.tokens_per_s = row.num_tokens / row.seconds if row.seconds > 0 else 0.0
         if method == "ar" and row.error is None:
             ar_ids = row.token_ids
         elif ar_ids is not None and row.error is None and not sampling:

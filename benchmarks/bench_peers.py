@@ -50,8 +50,8 @@ if str(REPO) not in sys.path:  # runnable without PYTHONPATH=.
     sys.path.insert(0, str(REPO))
 
 from benchmarks.report import write_report  # noqa: E402
-from benchmarks.bench_engine import (CATEGORIES, ENGINE_VARIANTS, WARMUP_PROMPT, WARMUP_TOKENS, QuestionRow,  # noqa: E402
-                                     add_question_args, git_commit, group_by_category, load_questions,
+from benchmarks.bench_engine import (CATEGORIES, ENGINE_VARIANTS, WARMUP_PROMPT, QuestionRow,  # noqa: E402
+                                     add_question_args, fill_row, warm_up, git_commit, group_by_category, load_questions,
                                      machine_info, measure_bandwidth, parse_methods, peak_rss_mib)
 from clasp import fp32_kernels  # noqa: E402
 from clasp.config import DRAFT_KERNELS, FP32_KERNELS, ClaspConfig, SamplingParams  # noqa: E402
@@ -168,17 +168,8 @@ def run_question(question, prompt_ids: list[int], runners: dict, broken: dict, m
     rows, ar_ids = [], None
     for method, run in runners.items():
         row = Row(question.question_id, question.category, method, len(prompt_ids))
-        if method in broken:
-            row.error = broken[method]
-        else:
-            try:
-                for key, value in run(prompt_ids, max_new_tokens).items():
-                    setattr(row, key, value)
-                row.num_tokens = len(row.token_ids)
-                if row.num_tokens > 1 and row.decode_seconds > 0:
-                    row.decode_tokens_per_s = (row.num_tokens - 1) / row.decode_seconds
-            except Exception as e:  # one failing method is a result, not a crash
-                row.error = f"{type(e).__name__}: {e}"
+        if fill_row(row, run, prompt_ids, max_new_tokens, broken) and row.num_tokens > 1 and row.decode_seconds > 0:
+            row.decode_tokens_per_s = (row.num_tokens - 1) / row.decode_seconds
         row.load_average = os.getloadavg()[0]
         if method == "ar" and row.error is None:
             ar_ids = row.token_ids
@@ -191,17 +182,6 @@ def run_question(question, prompt_ids: list[int], runners: dict, broken: dict, m
               + ("" if row.matches_ar is None else f", equal to ar: {row.matches_ar}") + f", load {row.load_average:.2f}"
               + (f", ERROR {row.error}" if row.error else ""), file=sys.stderr)
     return rows
-
-
-def warm_up(runners: dict, prompt_ids: list[int]) -> dict[str, str]:
-    broken = {}
-    for method, run in runners.items():
-        try:
-            run(prompt_ids, WARMUP_TOKENS)
-        except Exception as e:
-            broken[method] = f"{type(e).__name__}: {e}"
-            print(f"warm-up {method}: FAILED {broken[method]}", file=sys.stderr)
-    return broken
 
 
 def aggregate(rows: list[Row], bound_tokens_per_s: float | None) -> dict:
