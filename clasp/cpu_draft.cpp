@@ -21,6 +21,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -283,9 +285,10 @@ torch::Tensor Int8Matrix::forward(const torch::Tensor& x) const {
 // Weights are blocked [ceil(N/16), K, 16]: each 64-byte line holds one input of 16 output rows,
 // so for T input rows one line loaded feeds T multiply-adds (the input broadcast), and 16 x T
 // accumulators cover a block's whole product with no horizontal sums. Each thread streams one
-// contiguous range of blocks, and every weight line is read once for all T rows (up to
-// FP32_MAX_ROWS; more rows are done in passes of that many). Padding rows are zero.
-constexpr int64_t FP32_MAX_ROWS = 16;
+// contiguous range of blocks, and every weight line is read from memory once for all T rows (up to
+// FP32_MAX_ROWS; more rows are done in passes of that many): rows beyond what the registers hold
+// re-read a block from cache. Padding rows are zero.
+constexpr int64_t FP32_MAX_ROWS = 64;
 constexpr int64_t FP32_AVX2_ROWS = 6;  // AVX2: 6 rows x 2 halves of a line = 12 of 16 ymm registers
 constexpr int64_t FP32_K_TILE = 256;   // AVX2 passes over more rows re-read a 16 KiB tile from L1
 // Lines requested into L2 this far ahead of use (8 KiB): more misses in flight than the hardware
@@ -353,38 +356,109 @@ void fp32_blocks_generic(const Fp32Matrix& m, const float* xt, int64_t T, int64_
   }
 }
 
-// T rows at once: T accumulators of 16 outputs; with fewer than 4 rows, U sets of them over
-// alternate inputs, so that enough independent multiply-add chains hide the FMA latency.
-template <int T>
-AVX512_TARGET void fp32_blocks_avx512(const Fp32Matrix& m, const float* xt, int64_t b0, int64_t b1, float* y,
-                                      int64_t ldy) {
-  constexpr int U = T == 1 ? 4 : T < 4 ? 2 : 1;
-  const int64_t k = m.k;
-  for (int64_t b = b0; b < b1; ++b) {
-    const float* w = m.blocked.data_ptr<float>() + b * k * 16;
-    __m512 acc[U][T];
-    for (int u = 0; u < U; ++u)
-      for (int t = 0; t < T; ++t) acc[u][t] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + U <= k; i += U) {
-      for (int u = 0; u < U; ++u) prefetch_line(w + (i + u + FP32_PREFETCH_LINES) * 16);  // no fault past the end
-      for (int u = 0; u < U; ++u) {
-        const __m512 line = _mm512_loadu_ps(w + (i + u) * 16);
-        const float* xi = xt + (i + u) * T;
-        for (int t = 0; t < T; ++t) acc[u][t] = _mm512_fmadd_ps(line, _mm512_set1_ps(xi[t]), acc[u][t]);
+// A tile: TG rows (t0..) of NB adjacent blocks (16 NB outputs) over inputs [i0, i1), adding to
+// the sums acc[t][32] (block nb at nb * 16; zero first where i0 == 0). Each input's NB lines are
+// loaded once for the TG rows, so a row's broadcast input feeds NB multiply-adds (with NB = 2,
+// half the loads per multiply-add of one block); U sets of accumulators over alternate inputs
+// where few rows leave too few independent chains to hide the FMA latency. U is fixed by the
+// pass's row count (not the tile's), and a row's sums run over the inputs in order however the
+// pass is tiled, so they do not depend on the tiling.
+template <int TG, int U, int NB>
+AVX512_TARGET void fp32_tile_avx512(const float* w, int64_t k, const float* xt, int64_t T, int64_t t0, int64_t i0,
+                                    int64_t i1, float* acc_io, bool prefetch) {
+  __m512 acc[U][NB][TG];
+  for (int u = 0; u < U; ++u)
+    for (int nb = 0; nb < NB; ++nb)
+      for (int t = 0; t < TG; ++t)
+        acc[u][nb][t] = u == 0 && i0 > 0 ? _mm512_load_ps(acc_io + t * 32 + nb * 16) : _mm512_setzero_ps();
+  const int64_t stride = k * 16;  // floats from one block to the next
+  int64_t i = i0;
+  for (; i + U <= i1; i += U) {
+    if (prefetch)  // the first tile of an input range streams it from memory; later ones read it from L1
+      for (int u = 0; u < U; ++u)
+        for (int nb = 0; nb < NB; ++nb) prefetch_line(w + nb * stride + (i + u + FP32_PREFETCH_LINES) * 16);
+    for (int u = 0; u < U; ++u) {
+      __m512 line[NB];
+      for (int nb = 0; nb < NB; ++nb) line[nb] = _mm512_loadu_ps(w + nb * stride + (i + u) * 16);
+      const float* xi = xt + (i + u) * T + t0;
+      for (int t = 0; t < TG; ++t) {
+        const __m512 xv = _mm512_set1_ps(xi[t]);
+        for (int nb = 0; nb < NB; ++nb) acc[u][nb][t] = _mm512_fmadd_ps(line[nb], xv, acc[u][nb][t]);
       }
     }
-    for (; i < k; ++i) {
-      const __m512 line = _mm512_loadu_ps(w + i * 16);
-      for (int t = 0; t < T; ++t) acc[0][t] = _mm512_fmadd_ps(line, _mm512_set1_ps(xt[i * T + t]), acc[0][t]);
+  }
+  for (; i < i1; ++i)
+    for (int nb = 0; nb < NB; ++nb) {
+      const __m512 line = _mm512_loadu_ps(w + nb * stride + i * 16);
+      for (int t = 0; t < TG; ++t)
+        acc[0][nb][t] = _mm512_fmadd_ps(line, _mm512_set1_ps(xt[i * T + t0 + t]), acc[0][nb][t]);
     }
-    alignas(64) float out[16 * T];
-    for (int t = 0; t < T; ++t) {
-      __m512 sum = acc[0][t];
-      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][t]);
-      _mm512_store_ps(out + t * 16, sum);
+  for (int nb = 0; nb < NB; ++nb)
+    for (int t = 0; t < TG; ++t) {
+      __m512 sum = acc[0][nb][t];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][nb][t]);
+      _mm512_store_ps(acc_io + t * 32 + nb * 16, sum);
     }
-    finish_fp32_block(m, b, T, out, y, ldy);
+}
+
+// Rows per AVX-512 tile: 2 x 14 accumulators and 2 lines fill 30 of the 32 zmm registers.
+constexpr int FP32_AVX512_TILE_ROWS = 14;
+// With more rows than one tile: inputs per range, whose lines (2 x 64 x 64 bytes) the later row
+// tiles re-read from L1 while the first one's prefetches bring the next range from memory.
+constexpr int64_t FP32_AVX512_K_TILE = 64;
+using Fp32TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, bool);
+
+template <int U, int NB, size_t... I>
+constexpr std::array<Fp32TileFn, sizeof...(I)> fp32_tiles(std::index_sequence<I...>) {
+  return {fp32_tile_avx512<int(I) + 1, U, NB>...};
+}
+
+// Blocks [b0, b1) for all T rows, a pair of blocks at a time: with up to FP32_AVX512_TILE_ROWS
+// rows one tile over all inputs; with more, per range of inputs, row tiles of equal size.
+AVX512_TARGET void fp32_blocks_avx512(const Fp32Matrix& m, const float* xt, int64_t T, int64_t b0, int64_t b1,
+                                      float* y, int64_t ldy) {
+  static constexpr auto one_u1 = fp32_tiles<1, 1>(std::make_index_sequence<FP32_AVX512_TILE_ROWS>());
+  static constexpr auto two_u1 = fp32_tiles<1, 2>(std::make_index_sequence<FP32_AVX512_TILE_ROWS>());
+  const int64_t k = m.k;
+  const float* bias = m.bias.defined() ? m.bias.data_ptr<float>() : nullptr;
+  // 15-16 rows: one block at a time, all rows in one tile (16 accumulators and a line).
+  const bool single = T > FP32_AVX512_TILE_ROWS && T <= 16;
+  const int64_t tiles = single ? 1 : (T + FP32_AVX512_TILE_ROWS - 1) / FP32_AVX512_TILE_ROWS;
+  const int64_t per_tile = (T + tiles - 1) / tiles;
+  const int64_t range = tiles == 1 ? k : FP32_AVX512_K_TILE;
+  alignas(64) float acc[FP32_MAX_ROWS * 32];
+  for (int64_t b = b0; b < b1; b += (single ? 1 : 2)) {
+    const int nb = b + 1 < b1 && !single ? 2 : 1;
+    const float* w = m.blocked.data_ptr<float>() + b * k * 16;
+    for (int64_t i0 = 0; i0 < k; i0 += range) {
+      const int64_t i1 = std::min(k, i0 + range);
+      for (int64_t t0 = 0; t0 < T; t0 += per_tile) {
+        const int64_t tg = std::min(per_tile, T - t0);
+        float* a = acc + t0 * 32;
+        const bool prefetch = t0 == 0;
+        if (T == 1)  // one row: 4 chains per block; 2-3 rows: 2 (the pass's row count decides)
+          (nb == 2 ? fp32_tile_avx512<1, 4, 2> : fp32_tile_avx512<1, 4, 1>)(w, k, xt, T, t0, i0, i1, a, prefetch);
+        else if (T == 2)
+          (nb == 2 ? fp32_tile_avx512<2, 2, 2> : fp32_tile_avx512<2, 2, 1>)(w, k, xt, T, t0, i0, i1, a, prefetch);
+        else if (T == 3)
+          (nb == 2 ? fp32_tile_avx512<3, 2, 2> : fp32_tile_avx512<3, 2, 1>)(w, k, xt, T, t0, i0, i1, a, prefetch);
+        else if (tg == 15)
+          fp32_tile_avx512<15, 1, 1>(w, k, xt, T, t0, i0, i1, a, prefetch);
+        else if (tg == 16)
+          fp32_tile_avx512<16, 1, 1>(w, k, xt, T, t0, i0, i1, a, prefetch);
+        else
+          (nb == 2 ? two_u1 : one_u1)[tg - 1](w, k, xt, T, t0, i0, i1, a, prefetch);
+      }
+    }
+    for (int j = 0; j < nb; ++j) {
+      const int64_t end = std::min<int64_t>(16, m.n - (b + j) * 16);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t r = 0; r < end; ++r) {
+          const int64_t row = (b + j) * 16 + r;
+          const float v = acc[t * 32 + j * 16 + r];
+          y[t * ldy + row] = bias ? v + bias[row] : v;
+        }
+    }
   }
 }
 
@@ -466,17 +540,6 @@ AVX2_TARGET void fp32_blocks_avx2(const Fp32Matrix& m, const float* xt, int64_t 
   }
 }
 
-void fp32_blocks_avx512_rows(const Fp32Matrix& m, const float* xt, int64_t T, int64_t b0, int64_t b1, float* y,
-                             int64_t ldy) {
-  using Fn = void (*)(const Fp32Matrix&, const float*, int64_t, int64_t, float*, int64_t);
-  static constexpr Fn table[FP32_MAX_ROWS] = {
-      fp32_blocks_avx512<1>,  fp32_blocks_avx512<2>,  fp32_blocks_avx512<3>,  fp32_blocks_avx512<4>,
-      fp32_blocks_avx512<5>,  fp32_blocks_avx512<6>,  fp32_blocks_avx512<7>,  fp32_blocks_avx512<8>,
-      fp32_blocks_avx512<9>,  fp32_blocks_avx512<10>, fp32_blocks_avx512<11>, fp32_blocks_avx512<12>,
-      fp32_blocks_avx512<13>, fp32_blocks_avx512<14>, fp32_blocks_avx512<15>, fp32_blocks_avx512<16>};
-  table[T - 1](m, xt, b0, b1, y, ldy);
-}
-
 // y[T, N] (row stride ldy) = x @ W.T (+ bias) for T <= FP32_MAX_ROWS rows given transposed as
 // xt[K][T]; 16-row blocks split across torch's intra-op threads.
 void fp32_product(const Fp32Matrix& m, const float* xt, int64_t T, float* y, int64_t ldy) {
@@ -484,7 +547,7 @@ void fp32_product(const Fp32Matrix& m, const float* xt, int64_t T, float* y, int
   at::parallel_for(0, m.blocked.size(0), 4, [&](int64_t b0, int64_t b1) {
     switch (m.isa) {
       case ISA_AVX512:
-        fp32_blocks_avx512_rows(m, xt, T, b0, b1, y, ldy);
+        fp32_blocks_avx512(m, xt, T, b0, b1, y, ldy);
         break;
       case ISA_AVX2:
         fp32_blocks_avx2(m, xt, T, b0, b1, y, ldy);

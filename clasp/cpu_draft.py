@@ -185,7 +185,7 @@ def block_fp32(w: torch.Tensor) -> torch.Tensor:
 def fp32_matrix(w: torch.Tensor, isa: str = "portable", bias: torch.Tensor | None = None):
     """The kernel's fp32 matrix for w [N, K] (copied into its blocked layout; w may be freed after):
     `m(x)` or `m.forward(x)` is x [T, K] @ w.T (+ bias) as float32 [T, N], for any T (one pass
-    over the weights per 16 rows). `m.isa` is the FP32_ISAS code in use and can be switched.
+    over the weights per 64 rows). `m.isa` is the FP32_ISAS code in use and can be switched.
     Raises ValueError for an unknown `isa`, RuntimeError where this CPU cannot run it."""
     if isa not in FP32_ISAS:
         raise ValueError(f"isa must be one of {', '.join(FP32_ISAS)}, got {isa!r}")

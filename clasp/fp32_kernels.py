@@ -6,7 +6,7 @@ Candidates (FP32_KERNELS):
   torch         the plain matrices through torch (MKL), one row computed as two where measured
                 faster, and a oneDNN-prepacked copy for 3+ rows where that pays (clasp.backends.cpu)
   clasp-avx512, clasp-avx2, clasp-portable  clasp.cpu_draft's Fp32Matrix over a blocked copy of
-                the weights (one pass over them per 16 rows), in each instruction set this CPU runs
+                the weights (one pass over them per 64 rows), in each instruction set this CPU runs
 
 The products are timed on the model's own matrices (every layer and the lm_head, so they stream
 from memory as in decoding) at each of ROWS, the candidates taking turns, median of REPEATS; each

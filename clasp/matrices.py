@@ -74,7 +74,7 @@ class DenseMatrix:
 
 class BlockedFp32Weight(DenseMatrix):
     """An fp32 CPU matrix with a second copy in clasp.cpu_draft's blocked layout, whose kernel
-    (`cpu_draft.Fp32Matrix`, one pass over the weights for up to 16 rows) computes products of
+    (`cpu_draft.Fp32Matrix`, one pass over the weights for up to 64 rows) computes products of
     `min_rows` to `max_rows` rows; other row counts (prefill, the DP's wide batches) take the plain
     matrix's path. The CPU backend sets the range and the kernel's instruction set by timing and an
     accuracy check at load (clasp.fp32_kernels); max_rows 0 turns the kernel off."""

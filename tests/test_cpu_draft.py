@@ -155,7 +155,9 @@ def _assert_fp32_close(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("isa", FP32_ISAS)
-@pytest.mark.parametrize("rows", [1, 2, 5, 9, 16])
+# 14: one tile of a block pair; 15-16: one block at a time; 17, 29: row tiles over input ranges;
+# 64: the most rows in one pass
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 14, 15, 16, 17, 29, 64])
 @pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (37, 70)])  # qkv, down; padded rows, odd inputs
 def test_fp32_products_match_torch(isa, rows, shape):
     torch.manual_seed(rows)
@@ -168,15 +170,28 @@ def test_fp32_products_match_torch(isa, rows, shape):
 
 @pytest.mark.parametrize("isa", FP32_ISAS)
 def test_fp32_products_past_16_rows_bias_and_large_values(isa):
-    """More rows than one pass (16) take several passes; a bias is added; values of very different
+    """More rows than one pass (64) take several passes; a bias is added; values of very different
     sizes (the model's outlier channels) keep fp32 accuracy."""
     torch.manual_seed(7)
     w, bias = torch.randn(100, 300), torch.randn(100)
     w[:, :4] *= 1000.0
-    x = torch.randn(37, 300)
+    x = torch.randn(137, 300)
     matrix = cpu_draft.fp32_matrix(w, _fp32_isa_or_skip(isa), bias=bias)
     _assert_fp32_close(matrix(x), x @ w.T + bias)
     assert matrix(x[:0]).shape == (0, 100)
+
+
+def test_avx512_fp32_rows_do_not_depend_on_the_other_rows_of_the_pass():
+    """From 4 rows on, the AVX-512 kernel sums each output over its inputs in order, however the
+    pass is tiled (one tile, block pairs, input ranges): a row's products are bitwise the same
+    whichever batch it is verified in."""
+    _fp32_isa_or_skip("avx512")
+    torch.manual_seed(11)
+    w, x = torch.randn(200, 1536), torch.randn(64, 1536)
+    matrix = cpu_draft.fp32_matrix(w, "avx512")
+    alone = matrix(x[:4])
+    for rows in (5, 14, 15, 16, 17, 29, 64):
+        assert torch.equal(matrix(x[:rows])[:4], alone), rows
 
 
 def test_fp32_instruction_sets_can_be_switched_and_agree():
