@@ -413,16 +413,17 @@ constexpr std::array<Fp32TileFn, sizeof...(I)> fp32_tiles(std::index_sequence<I.
   return {fp32_tile_avx512<int(I) + 1, U, NB>...};
 }
 
-// Blocks [b0, b1) for all T rows, a pair of blocks at a time: with up to FP32_AVX512_TILE_ROWS
-// rows one tile over all inputs; with more, per range of inputs, row tiles of equal size.
+// Blocks [b0, b1) for all T rows: up to 16 rows, a block at a time in one tile over all inputs;
+// more, a pair of blocks at a time, per range of inputs, in row tiles of equal size.
 AVX512_TARGET void fp32_blocks_avx512(const Fp32Matrix& m, const float* xt, int64_t T, int64_t b0, int64_t b1,
                                       float* y, int64_t ldy) {
   static constexpr auto one_u1 = fp32_tiles<1, 1>(std::make_index_sequence<FP32_AVX512_TILE_ROWS>());
   static constexpr auto two_u1 = fp32_tiles<1, 2>(std::make_index_sequence<FP32_AVX512_TILE_ROWS>());
   const int64_t k = m.k;
   const float* bias = m.bias.defined() ? m.bias.data_ptr<float>() : nullptr;
-  // 15-16 rows: one block at a time, all rows in one tile (16 accumulators and a line).
-  const bool single = T > FP32_AVX512_TILE_ROWS && T <= 16;
+  // Up to 16 rows: one block at a time, all rows in one tile (up to 16 accumulators and a line;
+  // pairs measured no faster there).
+  const bool single = T <= 16;
   const int64_t tiles = single ? 1 : (T + FP32_AVX512_TILE_ROWS - 1) / FP32_AVX512_TILE_ROWS;
   const int64_t per_tile = (T + tiles - 1) / tiles;
   const int64_t range = tiles == 1 ? k : FP32_AVX512_K_TILE;
@@ -436,18 +437,20 @@ AVX512_TARGET void fp32_blocks_avx512(const Fp32Matrix& m, const float* xt, int6
         const int64_t tg = std::min(per_tile, T - t0);
         float* a = acc + t0 * 32;
         const bool prefetch = t0 == 0;
-        if (T == 1)  // one row: 4 chains per block; 2-3 rows: 2 (the pass's row count decides)
-          (nb == 2 ? fp32_tile_avx512<1, 4, 2> : fp32_tile_avx512<1, 4, 1>)(w, k, xt, T, t0, i0, i1, a, prefetch);
+        if (!single)
+          (nb == 2 ? two_u1 : one_u1)[tg - 1](w, k, xt, T, t0, i0, i1, a, prefetch);
+        else if (T == 1)  // one row: 4 chains; 2-3 rows: 2 (the pass's row count decides)
+          fp32_tile_avx512<1, 4, 1>(w, k, xt, T, t0, i0, i1, a, prefetch);
         else if (T == 2)
-          (nb == 2 ? fp32_tile_avx512<2, 2, 2> : fp32_tile_avx512<2, 2, 1>)(w, k, xt, T, t0, i0, i1, a, prefetch);
+          fp32_tile_avx512<2, 2, 1>(w, k, xt, T, t0, i0, i1, a, prefetch);
         else if (T == 3)
-          (nb == 2 ? fp32_tile_avx512<3, 2, 2> : fp32_tile_avx512<3, 2, 1>)(w, k, xt, T, t0, i0, i1, a, prefetch);
-        else if (tg == 15)
+          fp32_tile_avx512<3, 2, 1>(w, k, xt, T, t0, i0, i1, a, prefetch);
+        else if (T == 15)
           fp32_tile_avx512<15, 1, 1>(w, k, xt, T, t0, i0, i1, a, prefetch);
-        else if (tg == 16)
+        else if (T == 16)
           fp32_tile_avx512<16, 1, 1>(w, k, xt, T, t0, i0, i1, a, prefetch);
         else
-          (nb == 2 ? two_u1 : one_u1)[tg - 1](w, k, xt, T, t0, i0, i1, a, prefetch);
+          one_u1[T - 1](w, k, xt, T, t0, i0, i1, a, prefetch);
       }
     }
     for (int j = 0; j < nb; ++j) {
