@@ -2,8 +2,9 @@
 
 Starts its own redis-server, planner and decoder (bench_service's stack, server defaults: every
 admitted stream decodes in one batch). For each N in --concurrency and each mode (ar, clasp),
-N clients stream greedy Spec-Bench questions at once (max(N, --min-requests) requests, each client
-taking the next question when it finishes). Reported per (mode, N): aggregate generated tokens
+N clients stream greedy Spec-Bench questions at once: the same --requests requests at every N (so
+every level does the same work, long prompts included), each client taking the next question when
+it finishes. Reported per (mode, N): aggregate generated tokens
 per second over the wave's wall time, p50/p95 time to first token and time per output token
 (client side), and how many outputs equal the in-process engine's plain greedy decoding of the
 same question, token for token. Beside it, in the same run, transformers `generate` on a
@@ -92,7 +93,9 @@ def render(report: dict) -> str:
     lines = [f"# Load benchmark ({report['date']}, commit {report['commit']})", "",
              f"{report['machine'].get('processor', '')}; flags {' '.join(report['machine'].get('cpu_flags') or [])}; model "
              f"{report['model']} fp32, greedy, {report['max_new_tokens']} new tokens, Spec-Bench questions, "
-             f"through gRPC (decoder defaults: one batch of up to --max-concurrent streams).", "",
+             f"through gRPC (decoder defaults: one batch of up to --max-concurrent streams). Every N runs the "
+             f"same {report.get('requests', '?')} requests (prompts of {min(report.get('prompt_tokens') or [0])}-"
+             f"{max(report.get('prompt_tokens') or [0])} tokens).", "",
              "| N | ar tok/s | clasp tok/s | clasp/ar | transformers batch tok/s | ar TTFT p50/p95 s | clasp TTFT p50/p95 s "
              "| ar TPOT p50/p95 ms | clasp TPOT p50/p95 ms | exact ar / clasp |",
              "|---:|---:|---:|---:|---:|---|---|---|---|---|"]
@@ -141,7 +144,9 @@ def chart(report: dict, path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated numbers of concurrent clients")
-    p.add_argument("--min-requests", type=int, default=4, help="requests per wave at least (small N run several)")
+    p.add_argument("--requests", type=int, default=16,
+                   help="requests per wave, the same at every N (at least the largest N; Spec-Bench questions "
+                        "taken in turn from the 6 categories)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS)
     p.add_argument("--no-hf", action="store_true", help="skip transformers' padded-batch generate")
@@ -150,8 +155,17 @@ def main() -> int:
     levels = [int(n) for n in args.concurrency.split(",")]
     if not levels or min(levels) < 1 or max(levels) > 64:
         p.error("--concurrency: numbers in [1, 64]")
+    if not max(levels) <= args.requests <= 256:
+        p.error(f"--requests: between the largest N ({max(levels)}) and 256")
     torch.set_num_threads(2)
-    questions = load_questions(args.questions, per_category=max(1, -(-max(max(levels), args.min_requests) // 6)))
+    questions = load_questions(args.questions, per_category=max(1, -(-args.requests // 6)))
+    # Categories in turn, so that the requests (and each wave's first N) mix them.
+    rank: dict[str, int] = {}
+    order = []
+    for q in questions:
+        order.append((rank.get(q.category, 0), q))
+        rank[q.category] = rank.get(q.category, 0) + 1
+    questions = [q for _, q in sorted(order, key=lambda x: x[0])][:args.requests]
     engine = Engine.load(None, ClaspConfig(mode="ar"), device="cpu", dtype="float32")
     texts = [q.prompt for q in questions]
     prompts = [engine.encode(text) for text in texts]
@@ -163,10 +177,11 @@ def main() -> int:
     hf_model = None if args.no_hf else load_model(None, torch.float32, torch.device("cpu"))[0]
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
               "machine": machine_info(torch.device("cpu")), "model": "SmolLM2-135M-Instruct",
-              "max_new_tokens": args.max_new_tokens, "concurrency": levels, "results": {}}
+              "max_new_tokens": args.max_new_tokens, "concurrency": levels, "requests": args.requests,
+              "prompt_tokens": [len(p) for p in prompts], "results": {}}
     with tempfile.TemporaryDirectory() as logs, service_stack(Path(logs), 2, 1) as stack:
         for n in levels:
-            count = max(n, args.min_requests)
+            count = args.requests
             batch = [texts[i % len(texts)] for i in range(count)]
             batch_ids = [prompts[i % len(prompts)] for i in range(count)]
             refs = [references[i % len(prompts)] for i in range(count)]

@@ -244,10 +244,9 @@ def _finish_if_done(req: Request, chunk: Chunk) -> Chunk:
     return chunk
 
 
-def _choose(req: Request, draft_cap: int | None = None) -> None:
-    """The request's draft source, length and skip set for this round (draft_cap: at most this many
-    drafted tokens, as the batch's policy decided; 0 a plain step, None no cap)."""
-    budget = req.draft_budget if draft_cap is None else min(req.draft_budget, draft_cap)
+def _choose(req: Request) -> None:
+    """The request's draft source, length and skip set for this round."""
+    budget = req.draft_budget
     if budget <= 0:
         choice = RoundChoice(PLAIN, 0)
     elif req.controller is not None:
@@ -332,13 +331,13 @@ def _advance(req: Request, result: RoundResult, new_ids: list[int]) -> Chunk:
     return _finish_if_done(req, chunk)
 
 
-def step(runner: ModelRunner, requests: Sequence[Request], draft_cap: int | None = None) -> list[Chunk]:
+def step(runner: ModelRunner, requests: Sequence[Request], planner=None) -> list[Chunk]:
     """Advance every unfinished request by one round: a prefill piece for a request still reading
     its prompt, else draft, verify (one forward pass for all of them, per KV cache) and accept.
-    draft_cap: at most this many drafted tokens per request (the batch policy's choice; 0 makes every
-    round a plain step, None leaves each request's own choice; the output is the same either way).
-    Returns one Chunk per request (the final one carries the result; a finished request gets an
-    empty chunk)."""
+    planner: cuts the draft lengths of a batch (clasp.scheduler.BatchPlanner: plan(requests) after
+    they chose, observe(...) the round's costs); None leaves each request's own choice. The output
+    is the same either way. Returns one Chunk per request (the final one carries the result; a
+    finished request gets an empty chunk)."""
     chunks: list[Chunk | None] = [None] * len(requests)
     decoding = []
     for i, req in enumerate(requests):
@@ -353,16 +352,18 @@ def step(runner: ModelRunner, requests: Sequence[Request], draft_cap: int | None
         by_cache.setdefault(id(requests[i].cache), []).append(i)
     for group in by_cache.values():
         reqs = [requests[i] for i in group]
-        for i, chunk in zip(group, _speculative_round(runner, reqs, draft_cap)):
+        for i, chunk in zip(group, _speculative_round(runner, reqs, planner)):
             chunks[i] = chunk
     return chunks
 
 
-def _speculative_round(runner: ModelRunner, reqs: Sequence[Request], draft_cap: int | None = None) -> list[Chunk]:
+def _speculative_round(runner: ModelRunner, reqs: Sequence[Request], planner=None) -> list[Chunk]:
     """One round for requests sharing a KV cache: choose, propose, verify in one pass, accept."""
     cache = reqs[0].cache
     for req in reqs:
-        _choose(req, draft_cap)
+        _choose(req)
+    if planner is not None:
+        planner.plan(reqs)
     t0 = time.perf_counter()
     proposals = _propose(runner, cache, reqs)
     t1 = time.perf_counter()
@@ -370,6 +371,10 @@ def _speculative_round(runner: ModelRunner, reqs: Sequence[Request], draft_cap: 
              for r, p in zip(reqs, proposals)]
     results = verify_batch(runner, cache, items)
     t2 = time.perf_counter()
+    if planner is not None and len(reqs) > 1:
+        lengths = [0 if p is None else int(p.token_ids.shape[0]) for p in proposals]
+        planner.observe(lengths, [r.round.choice.source == MODEL for r in reqs], t1 - t0,
+                        sum(lengths) + len(reqs), t2 - t1)
     chunks = []
     for req, proposal, result in zip(reqs, proposals, results):
         # In a batch every request waited for the whole draft and verification: that is its cost.

@@ -14,20 +14,21 @@ Prefill: at most one request reads its prompt per step, in pieces of `prefill_ch
 long prompt holds the others for one piece at a time (docs/performance.md has the measured cost
 of a piece).
 
-Speculation and batch size: each request's controller chooses its own draft length from its own
-acceptance, and the costs it sees are the batch's (the wall time of the round's batched draft and
-verification). On top, BatchPolicy caps the draft length of the whole batch (down to none) by the
-measured tokens per second of each cap at that batch size: as the batch grows and a plain step
-already streams the weights for every request, drafts get shorter and stop where they no longer
-pay, and come back where they do.
+Speculation and batch size: each request's controller chooses its source and skip count and a
+draft length as it would alone; BatchPlanner then cuts the lengths (down to none) to the most
+expected tokens per second of the whole round, from each request's measured acceptance and the
+batch's measured draft and verification costs: as the batch grows and a plain step already streams
+the weights for every request, drafts get shorter and stop where they no longer pay, and come
+back where they do.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
+from typing import Sequence
 
 from clasp.config import ClaspConfig, SamplingParams
+from clasp.controller import MODEL, NGRAM, PLAIN, RoundChoice, VerifyCost
 from clasp.decoding import start_request, step
 from clasp.output import Chunk
 from clasp.plan_exchange import PlanExchange
@@ -39,102 +40,150 @@ DEFAULT_SLOT_TOKENS = 2048
 BATCH_PREFILL_CHUNK_TOKENS = 128  # prompt tokens per step while other requests are decoding
 
 
-class BatchPolicy:
-    """The batch's draft cap per round: at most how many tokens any request drafts (0: a plain step
-    for all; None: as each request's own controller chooses), by measured tokens per second of
-    steps at each batch size b >= 2 (b = 1 is left to the request's controller). Batch sizes share
-    their figures within powers of two (2, 3-4, 5-8, 9-16, ...): a batch shrinks a stream at a time,
-    and its neighbours cost about the same.
+class DraftCost:
+    """Seconds of a round's batched layer-skip draft as a * calls + c * rows: one call per draft
+    position (every request still drafting at that position is a row of it), fitted by decayed
+    least squares over the rounds seen. On a memory-bound CPU a call reads the draft weights once
+    for all its rows, so a is most of it; a GPU sees much the same."""
 
-    On a memory-bound CPU a plain step for b requests costs little more than for one, while a
-    drafted round costs b x (k + 1) verification rows and a draft pass per position, so the best
-    cap falls as b grows: long drafts for two streams, short ones or none for eight. Caps are first
-    measured in CAPS order, `warm_steps` times each, plain steps first and longer drafts after
-    shorter ones; a cap that measures over `margin` below the best so far ends this warm-up (a longer
-    one would cost more rows for the same acceptance). Then the best cap runs, and every `interval`
-    steps the least recently tried other cap runs once: a try that does not win doubles the
-    interval (up to max_interval, where exploring costs under 1% of the steps), one that wins
-    resets it; to replace the cap in use, another must measure `margin` faster. Rates are decayed means (weight `decay` on the old value), so a change in the load
-    or the acceptance moves the choice.
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.s_cc = self.s_cr = self.s_rr = self.s_cy = self.s_ry = 0.0
+
+    def observe(self, calls: int, rows: int, seconds: float) -> None:
+        d = self.decay
+        self.s_cc, self.s_cr, self.s_rr = d * self.s_cc + calls * calls, d * self.s_cr + calls * rows, d * self.s_rr + rows * rows
+        self.s_cy, self.s_ry = d * self.s_cy + calls * seconds, d * self.s_ry + rows * seconds
+
+    @property
+    def known(self) -> bool:
+        return self.s_cc > 0
+
+    def coefficients(self) -> tuple[float, float]:
+        """(seconds per call, seconds per row), both >= 0."""
+        det = self.s_cc * self.s_rr - self.s_cr ** 2
+        if det > 1e-9 * self.s_cc * self.s_rr:
+            a = (self.s_cy * self.s_rr - self.s_ry * self.s_cr) / det
+            c = (self.s_ry * self.s_cc - self.s_cy * self.s_cr) / det
+            if a >= 0 and c >= 0:
+                return a, c
+        return self.s_cy / self.s_cc, 0.0  # rows and calls in one ratio so far (or a bad fit): per call
+
+    def cost(self, calls: int, rows: int) -> float:
+        a, c = self.coefficients()
+        return a * calls + c * rows
+
+
+class BatchPlanner:
+    """Each round's draft lengths for a batch of two or more decoding requests, from measured costs
+    at that batch: the round's expected tokens over its expected seconds, maximized.
+
+    Every request's own controller first chooses as it would alone (source, skip count, and a
+    length up to its budget). The planner then cuts each length to k_i (0: a plain step for that
+    request) to maximize
+
+        sum_i E_i(k_i) / (draft(calls = max k_i, rows = sum k_i) + verify(sum_i (k_i + 1) rows))
+
+    where E_i(k) = 1 + sum_{m<=k} P(drafts 1..m of request i accepted), from the acceptance its
+    controller has measured for that source and skip count; draft() and verify() are the batch's
+    own measured costs (DraftCost over the model drafters' rows; clasp.controller.VerifyCost by the
+    pass's total rows). n-gram drafts cost verification rows only. As a batch grows, a plain step
+    already streams the weights for every request while each drafted token adds a row: lengths
+    fall, to none where they no longer pay, and come back where acceptance makes them pay.
+
+    The search: the best common cap (k_i = min(cap, length_i)), then single-token moves
+    (lengthen or shorten one request) while the rate improves. Until the costs are measured, the
+    requests' own choices run unchanged (and are measured). A request that samples with a seed
+    keeps its own choice (its controller uses fixed costs, so the same seed draws the same tokens
+    whatever the batch); its rows still count in the costs.
     """
 
-    CAPS = (0, 1, 2, 4, None)  # warm-up order
+    def __init__(self, decay: float = 0.9, max_moves: int = 64) -> None:
+        self.draft = DraftCost(decay)
+        self.verify = VerifyCost(decay)
+        self.max_moves = max_moves
+        self.rounds = 0  # rounds planned (for metrics and tests)
+        self.cut = 0  # drafted tokens the plans removed
 
-    def __init__(self, warm_steps: int = 2, interval: int = 16, max_interval: int = 128, decay: float = 0.8,
-                 margin: float = 0.1) -> None:
-        self.warm_steps, self.base_interval, self.max_interval = warm_steps, interval, max_interval
-        self.decay, self.margin = decay, margin
-        self.rates: dict[tuple[int, int | None], float] = {}  # (bucket, cap) -> tokens per second per request
-        self.counts: dict[tuple[int, int | None], int] = {}
-        self.last_tried: dict[tuple[int, int | None], int] = {}
-        self.steps: dict[int, int] = {}
-        self.interval: dict[int, int] = {}
-        self.warmed: set[int] = set()
-        self.current: dict[int, int | None] = {}  # the cap in use per bucket
-        self._exploring: dict[int, int | None] = {}
+    def ready(self) -> bool:
+        return self.draft.known and self.verify.known
 
-    @staticmethod
-    def bucket(b: int) -> int:
-        return 1 << (b - 1).bit_length()
-
-    def best(self, b: int) -> int | None:
-        """The cap in use at b's bucket: the fastest measured, except that another must beat the
-        one in use by `margin` to replace it (one lucky step of a re-tried cap must not)."""
-        g = self.bucket(b)
-        fastest = max((c for c in self.CAPS if (g, c) in self.rates), key=lambda c: self.rates[(g, c)], default=None)
-        current = self.current.get(g, "none")
-        if current != "none" and fastest != current and (g, current) in self.rates:
-            if self.rates[(g, fastest)] < (1 + self.margin) * self.rates[(g, current)]:
-                return current
-        self.current[g] = fastest
-        return fastest
-
-    def cap(self, b: int) -> int | None:
-        """The draft cap for the next step of a batch of b decoding requests."""
-        if b < 2:
-            return None
-        g = self.bucket(b)
-        n = self.steps[g] = self.steps.get(g, 0) + 1
-        if g not in self.warmed:
-            cap = self._warming(g)
-            if cap != "done":
-                return cap
-            self.warmed.add(g)
-        interval = self.interval.setdefault(g, self.base_interval)
-        best = self.best(b)
-        if n % interval == 0:
-            others = [c for c in self.CAPS if c != best]
-            cap = min(others, key=lambda c: self.last_tried.get((g, c), 0))
-            self._exploring[g] = cap
-            return cap
-        return best
-
-    def _warming(self, g: int):
-        """The next cap to measure in the warm-up of bucket g, or "done"."""
-        best_rate = 0.0
-        for cap in self.CAPS:
-            count = self.counts.get((g, cap), 0)
-            if count < self.warm_steps:
-                return cap
-            rate = self.rates[(g, cap)]
-            if rate < (1 - self.margin) * best_rate:
-                return "done"  # longer drafts than this one would not pay here either
-            best_rate = max(best_rate, rate)
-        return "done"
-
-    def observe(self, b: int, cap: int | None, tokens: int, seconds: float) -> None:
-        if b < 2 or seconds <= 0:
+    def plan(self, reqs: Sequence[Request]) -> None:
+        """Cut each request's chosen draft length (req.round.choice) in place."""
+        if len(reqs) < 2 or not self.ready():
             return
-        g = self.bucket(b)
-        key = (g, cap)
-        rate, old = tokens / seconds / b, self.rates.get(key)  # per request: sizes within a bucket compare
-        self.rates[key] = rate if old is None else self.decay * old + (1 - self.decay) * rate
-        self.counts[key] = self.counts.get(key, 0) + 1
-        self.last_tried[key] = self.steps.get(g, 0)
-        if g in self._exploring and self._exploring[g] == cap:
-            del self._exploring[g]
-            won = self.best(b) == cap
-            self.interval[g] = self.base_interval if won else min(2 * self.interval[g], self.max_interval)
+        lengths, curves, fixed, model = [], [], [], []
+        for req in reqs:
+            choice = req.round.choice
+            curve = _curve(req, choice)
+            lengths.append(len(curve))
+            curves.append(curve)
+            fixed.append(req.params.seed is not None and not req.params.greedy or req.controller is None)
+            model.append(choice.source == MODEL)
+        if not any(n and not f for n, f in zip(lengths, fixed)):
+            return
+        gains = [[1.0] + [1.0 + sum(c[:m]) for m in range(1, len(c) + 1)] for c in curves]  # E_i(k), k = 0..len
+
+        def rate(ks: list[int]) -> float:
+            drafted = [k for k, m in zip(ks, model) if m]
+            seconds = (self.draft.cost(max(drafted), sum(drafted)) if drafted and max(drafted) else 0.0)
+            seconds += self.verify.cost(sum(ks) + len(ks))
+            return sum(g[k] for g, k in zip(gains, ks)) / max(seconds, 1e-9)
+
+        def clip(cap: int) -> list[int]:
+            return [n if f else min(cap, n) for n, f in zip(lengths, fixed)]
+
+        best = max((clip(cap) for cap in range(max(lengths) + 1)), key=rate)
+        best_rate = rate(best)
+        for _ in range(self.max_moves):
+            moves = []
+            for i, (k, n, f) in enumerate(zip(best, lengths, fixed)):
+                if f:
+                    continue
+                for step in (1, -1):
+                    if 0 <= k + step <= n:
+                        ks = list(best)
+                        ks[i] = k + step
+                        moves.append(ks)
+            if not moves:
+                break
+            candidate = max(moves, key=rate)
+            r = rate(candidate)
+            if r <= best_rate * (1 + 1e-9):
+                break
+            best, best_rate = candidate, r
+        self.rounds += 1
+        for req, k, n in zip(reqs, best, lengths):
+            if k < n:
+                self.cut += n - k
+                _cut(req.round.choice, k)
+
+    def observe(self, proposals_lengths: Sequence[int], model: Sequence[bool], draft_seconds: float,
+                verify_rows: int, verify_seconds: float) -> None:
+        """A batched round's measured costs (lengths of what each request drafted)."""
+        drafted = [n for n, m in zip(proposals_lengths, model) if m and n]
+        if drafted:
+            self.draft.observe(max(drafted), sum(drafted), draft_seconds)
+        self.verify.observe(verify_rows, verify_seconds)
+
+
+def _curve(req: Request, choice: RoundChoice) -> list[float]:
+    """[P(drafts 1..m accepted) for m = 1..the chosen length] of the request's choice ([] if it drafts nothing)."""
+    if choice.num_draft <= 0 or choice.source == PLAIN or req.controller is None:
+        return [] if choice.num_draft <= 0 or choice.source == PLAIN else [0.0] * choice.num_draft
+    controller = req.controller
+    if choice.source == NGRAM:
+        return controller.ngram.cumulative(min(choice.num_draft, len(choice.ngram)))
+    j = controller.skip_counts[0] if choice.num_skip is None else choice.num_skip
+    return controller.models[j].cumulative(choice.num_draft)
+
+
+def _cut(choice: RoundChoice, k: int) -> None:
+    """Draft at most k tokens (none: a plain step)."""
+    choice.num_draft = k
+    choice.ngram = choice.ngram[:k]
+    if k == 0:
+        choice.source = PLAIN
 
 
 class Scheduler:
@@ -153,7 +202,7 @@ class Scheduler:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.free = list(range(num_slots - 1, -1, -1))  # pop() gives slot 0 first
         self.active: list[Request] = []
-        self.policy = BatchPolicy()
+        self.planner = BatchPlanner()
 
     @property
     def num_slots(self) -> int:
@@ -211,15 +260,7 @@ class Scheduler:
                     continue  # one prompt at a time: the others' rounds are not held longer
                 prefilling = True
             running.append(req)
-        decoding = sum(not r.prefilling for r in running)
-        # Only where some request may draft does the cap matter: plain-decoding (ar) batches must not
-        # teach the policy that a cap costs what a plain step does.
-        may_draft = any(not r.prefilling and r.draft_budget > 0 for r in running)
-        cap = self.policy.cap(decoding) if may_draft else None
-        started = time.perf_counter()
-        chunks = step(self.engine.runner, running, cap)
-        if may_draft and not prefilling:  # a prefill piece in the step would blur the comparison
-            self.policy.observe(decoding, cap, sum(len(c.token_ids) for c in chunks), time.perf_counter() - started)
+        chunks = step(self.engine.runner, running, self.planner)
         for req in running:
             if req.finished:
                 self.release(req)

@@ -3,6 +3,8 @@ join and leave at round boundaries, and each one's greedy output equals what it 
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -125,43 +127,66 @@ def test_scheduler_bounds_and_release(engine):
     assert scheduler.kv_nbytes == engine.runner.new_cache(64).nbytes()
 
 
-def test_batch_policy_runs_the_fastest_cap_and_keeps_trying_the_others():
-    from clasp.scheduler import BatchPolicy
+def _planned(acceptance: float, draft_call_s: float, draft_row_s: float, verify_row_s: float, n: int = 8,
+             length: int = 6, seeded: int | None = None) -> list[int]:
+    """The lengths a BatchPlanner gives n requests that each chose a `length`-token model draft,
+    with acceptance `acceptance` per position, after it measured the given costs (request `seeded`
+    samples with a seed)."""
+    import types
 
-    policy = BatchPolicy(warm_steps=1, interval=4, max_interval=16)
-    assert policy.cap(1) is None  # a single stream: its own controller decides
-    rates = {0: 60, 1: 65, 2: 70, 4: 45, None: 40}  # tokens per second of each cap at 8 streams
-    warm = []
-    for _ in range(4):  # plain first, then longer and longer drafts, until one clearly loses
-        cap = policy.cap(8)
-        warm.append(cap)
-        policy.observe(8, cap, rates[cap], 1.0)
-    assert warm == [0, 1, 2, 4] and policy.best(8) == 2
-    assert policy.best(7) == 2 and policy.best(4) is None  # 5-8 streams share figures; 3-4 have none yet
-    choices = []
-    for _ in range(64):
-        cap = policy.cap(8)
-        choices.append(cap)
-        policy.observe(8, cap, rates[cap], 1.0)
-    assert choices.count(2) >= 56  # the fastest cap runs; the others are re-tried, less and less often
-    assert set(choices) == set(BatchPolicy.CAPS)  # every other cap was tried again, the unwarmed one too
-    assert policy.interval[8] == 16  # no try won: the interval grew to its limit
-    rates[0] = 200  # plain steps got faster (say, acceptance fell): the next try of 0 wins and stays
-    for _ in range(80):
-        cap = policy.cap(8)
-        policy.observe(8, cap, rates[cap], 1.0)
-    assert policy.best(8) == 0
-    assert policy.rates[(8, 0)] > policy.rates[(8, 2)]
+    from clasp.controller import MODEL, DraftController, RoundChoice
+    from clasp.scheduler import BatchPlanner
+
+    planner = BatchPlanner()
+    for calls, rows in ((1, 1), (4, 10), (6, 30), (2, 16)):  # a few rounds of measured costs
+        planner.draft.observe(calls, rows, calls * draft_call_s + rows * draft_row_s)
+    for rows in (n, 2 * n, 4 * n):
+        planner.verify.observe(rows, 0.020 + rows * verify_row_s)
+    reqs = []
+    for i in range(n):
+        controller = DraftController(8)
+        rng = random.Random(i)
+        for _ in range(200):  # what it has seen accepted: each position with the same rate
+            accepted = 0
+            while accepted < 8 and rng.random() < acceptance:
+                accepted += 1
+            controller.models[0].observe(8, accepted)
+        choice = RoundChoice(MODEL, length, num_skip=0)
+        params = SamplingParams(temperature=0.8, seed=1) if i == seeded else SamplingParams()
+        reqs.append(types.SimpleNamespace(round=types.SimpleNamespace(choice=choice), controller=controller,
+                                          params=params))
+    planner.plan(reqs)
+    return [r.round.choice.num_draft for r in reqs]
 
 
-def test_plain_decoding_batches_do_not_teach_the_policy(engine):
-    """The draft cap only matters where a request may draft: steps of ar-only batches are not
-    measured (they would make every cap look as cheap as a plain step); clasp batches are."""
+def test_batch_planner_cuts_drafts_where_they_stop_paying():
+    """Cheap drafts and good acceptance keep the requests' own lengths; drafts that cost as much as
+    the rows they save are cut to plain steps; in between, lengths fall."""
+    keep = _planned(0.95, draft_call_s=0.001, draft_row_s=0.0001, verify_row_s=0.0002)
+    assert keep == [6] * 8
+    plain = _planned(0.3, draft_call_s=0.006, draft_row_s=0.003, verify_row_s=0.0015)
+    assert plain == [0] * 8
+    some = _planned(0.7, draft_call_s=0.002, draft_row_s=0.0005, verify_row_s=0.0008)
+    assert all(0 < k < 6 for k in some), some
+
+
+def test_batch_planner_leaves_seeded_sampling_and_single_requests_alone():
+    """A request that samples with a seed keeps its own (fixed-cost) choice, so its tokens do not
+    depend on the batch; a batch of one is its controller's alone."""
+    got = _planned(0.3, draft_call_s=0.006, draft_row_s=0.003, verify_row_s=0.0015, seeded=2)
+    assert got[2] == 6 and sum(got[:2] + got[3:]) <= 7  # the others are cut (its draft calls run anyway)
+    assert _planned(0.3, draft_call_s=0.006, draft_row_s=0.003, verify_row_s=0.0015, n=1) == [6]
+
+
+def test_batch_planner_learns_from_clasp_batches(engine):
+    """ar batches only measure verification (they draft nothing, so nothing is planned); clasp
+    batches measure the draft too, and then the planner plans their rounds."""
     scheduler = Scheduler(engine, num_slots=2, slot_tokens=256)
     prompts = [engine.encode(p) for p in PROMPTS[:2]]
-    for mode, measured in (("ar", False), ("clasp", True)):
+    for mode, planned in (("ar", False), ("clasp", True)):
         for p in prompts:
-            scheduler.admit(p, SamplingParams(max_new_tokens=12), ClaspConfig(mode=mode))
+            scheduler.admit(p, SamplingParams(max_new_tokens=24), ClaspConfig(mode=mode))
         while scheduler.active:
             scheduler.step()
-        assert bool(scheduler.policy.rates) == measured, mode
+        assert scheduler.planner.verify.known
+        assert scheduler.planner.draft.known == planned and bool(scheduler.planner.rounds) == planned, mode
