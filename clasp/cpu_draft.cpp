@@ -739,6 +739,76 @@ AVX2_TARGET void attend_avx2(const float* q, const float* keys, const float* val
   for (p = 0; p < P; ++p) axpy_avx2(scores[p] * inv, values + p * hd, out, hd);
 }
 
+// The G query heads that share one KV head (grouped-query attention), head_dim 16 HD16, in one
+// pass over the keys and one over the values: each key and value line is loaded once for the G
+// heads, and the outputs stay in registers over all positions (CB lines of 16 per head at a time).
+// Each head's arithmetic is attend_avx512's, in the same order, so the results are bitwise the same.
+template <int G, int HD16>
+AVX512_TARGET void attend_group_avx512(const float* q, const float* keys, const float* values, int64_t P,
+                                       float scale, float* scores, float* out) {
+  constexpr int64_t hd = 16 * HD16;
+  constexpr int CB = HD16 < 16 / G ? HD16 : 16 / G;  // output lines per head in registers per pass
+  float mx[G], inv[G];
+  for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
+  for (int64_t p = 0; p < P; ++p) {
+    __m512 k[HD16];
+    for (int c = 0; c < HD16; ++c) k[c] = _mm512_loadu_ps(keys + p * hd + c * 16);
+    for (int g = 0; g < G; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < HD16; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * hd + c * 16), k[c], acc);
+      const float v = _mm512_reduce_add_ps(acc) * scale;
+      scores[g * P + p] = v;
+      mx[g] = std::max(mx[g], v);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    float* sc = scores + g * P;
+    __m512 total = _mm512_setzero_ps();
+    const __m512 m = _mm512_set1_ps(mx[g]);
+    int64_t p = 0;
+    for (; p + 16 <= P; p += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + p), m));
+      _mm512_storeu_ps(sc + p, e);
+      total = _mm512_add_ps(total, e);
+    }
+    float sum = _mm512_reduce_add_ps(total);
+    for (; p < P; ++p) {
+      sc[p] = std::exp(sc[p] - mx[g]);
+      sum += sc[p];
+    }
+    inv[g] = 1.f / sum;
+  }
+  for (int c0 = 0; c0 < HD16; c0 += CB) {
+    __m512 acc[G][CB];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < CB; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; ++p) {
+      __m512 v[CB];
+      for (int c = 0; c < CB; ++c) v[c] = _mm512_loadu_ps(values + p * hd + (c0 + c) * 16);
+      for (int g = 0; g < G; ++g) {
+        const __m512 a = _mm512_set1_ps(scores[g * P + p] * inv[g]);
+        for (int c = 0; c < CB; ++c) acc[g][c] = _mm512_fmadd_ps(a, v[c], acc[g][c]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < CB; ++c) _mm512_storeu_ps(out + g * hd + (c0 + c) * 16, acc[g][c]);
+  }
+}
+
+// attend_group_avx512 for group heads of head_dim hd, where it has code (false: call attend_avx512
+// per head). scores: group x P floats.
+AVX512_TARGET bool attend_group_avx512_any(const float* q, const float* keys, const float* values, int64_t P,
+                                           int64_t hd, int64_t group, float scale, float* scores, float* out) {
+  using Fn = void (*)(const float*, const float*, const float*, int64_t, float, float*, float*);
+  static constexpr Fn by64[4] = {attend_group_avx512<1, 4>, attend_group_avx512<2, 4>, attend_group_avx512<3, 4>,
+                                 attend_group_avx512<4, 4>};
+  static constexpr Fn by128[4] = {attend_group_avx512<1, 8>, attend_group_avx512<2, 8>, attend_group_avx512<3, 8>,
+                                  attend_group_avx512<4, 8>};
+  if (group < 1 || group > 4 || (hd != 64 && hd != 128)) return false;
+  (hd == 64 ? by64 : by128)[group - 1](q, keys, values, P, scale, scores, out);
+  return true;
+}
+
 void attend_generic(const float* q, const float* keys, const float* values, int64_t P, int64_t hd, float scale,
                     float* scores, float* out) {
   float mx = -INFINITY;
@@ -900,21 +970,30 @@ class OneTokenModel {
         std::copy_n(qkv.data() + (H + g) * hd, hd, kbase + (g * capacity + position) * hd);
         std::copy_n(qkv.data() + (H + KVH + g) * hd, hd, vbase + (g * capacity + position) * hd);
       }
-      at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-        std::vector<float> scores(P);
-        for (int64_t head = h0; head < h1; ++head) {
-          const int64_t g = head / group;
-          const float* kg = kbase + g * capacity * hd;
-          const float* vg = vbase + g * capacity * hd;
-          if (isa_ == ISA_AVX512_VNNI || isa_ == ISA_AVX512) {
-            attend_avx512(qkv.data() + head * hd, kg, vg, P, hd, scale, scores.data(), attn.data() + head * hd);
-          } else if (isa_ == ISA_AVX2) {
-            attend_avx2(qkv.data() + head * hd, kg, vg, P, hd, scale, scores.data(), attn.data() + head * hd);
-          } else {
-            attend_generic(qkv.data() + head * hd, kg, vg, P, hd, scale, scores.data(), attn.data() + head * hd);
+      if (grouped_attention()) {  // the heads of a KV head together (bitwise the same results)
+        at::parallel_for(0, KVH, 1, [&](int64_t g0, int64_t g1) {
+          std::vector<float> scores(group * P);
+          for (int64_t g = g0; g < g1; ++g)
+            attend_group_avx512_any(qkv.data() + g * group * hd, kbase + g * capacity * hd, vbase + g * capacity * hd,
+                                    P, hd, group, scale, scores.data(), attn.data() + g * group * hd);
+        });
+      } else {
+        at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+          std::vector<float> scores(P);
+          for (int64_t head = h0; head < h1; ++head) {
+            const int64_t g = head / group;
+            const float* kg = kbase + g * capacity * hd;
+            const float* vg = vbase + g * capacity * hd;
+            if (isa_ == ISA_AVX512_VNNI || isa_ == ISA_AVX512) {
+              attend_avx512(qkv.data() + head * hd, kg, vg, P, hd, scale, scores.data(), attn.data() + head * hd);
+            } else if (isa_ == ISA_AVX2) {
+              attend_avx2(qkv.data() + head * hd, kg, vg, P, hd, scale, scores.data(), attn.data() + head * hd);
+            } else {
+              attend_generic(qkv.data() + head * hd, kg, vg, P, hd, scale, scores.data(), attn.data() + head * hd);
+            }
           }
-        }
-      });
+        });
+      }
       product(ly.o, attn.data(), xq, tmp.data());
       for (int64_t i = 0; i < D; ++i) x[i] += tmp[i];
       // MLP
@@ -1021,24 +1100,38 @@ class OneTokenModel {
         }
       }
       attn.resize(R * H * hd);
-      at::parallel_for(0, R * H, 1, [&](int64_t w0, int64_t w1) {
-        std::vector<float> scores;
-        for (int64_t w = w0; w < w1; ++w) {
-          const int64_t r = w / H, head = w % H, i = rows[r], g = head / group, P = positions[i] + 1;
-          scores.resize(P);
-          const float* kg = kbase + (slots[i] * KVH + g) * capacity * hd;
-          const float* vg = vbase + (slots[i] * KVH + g) * capacity * hd;
-          const float* q = qkv.data() + r * W + head * hd;
-          float* out = attn.data() + (r * H + head) * hd;
-          if (isa_ == ISA_AVX512_VNNI || isa_ == ISA_AVX512) {
-            attend_avx512(q, kg, vg, P, hd, scale, scores.data(), out);
-          } else if (isa_ == ISA_AVX2) {
-            attend_avx2(q, kg, vg, P, hd, scale, scores.data(), out);
-          } else {
-            attend_generic(q, kg, vg, P, hd, scale, scores.data(), out);
+      if (grouped_attention()) {  // per row, the heads of a KV head together (bitwise the same results)
+        at::parallel_for(0, R * KVH, 1, [&](int64_t w0, int64_t w1) {
+          std::vector<float> scores;
+          for (int64_t w = w0; w < w1; ++w) {
+            const int64_t r = w / KVH, g = w % KVH, i = rows[r], P = positions[i] + 1;
+            scores.resize(group * P);
+            attend_group_avx512_any(qkv.data() + r * W + g * group * hd,
+                                    kbase + (slots[i] * KVH + g) * capacity * hd,
+                                    vbase + (slots[i] * KVH + g) * capacity * hd, P, hd, group, scale, scores.data(),
+                                    attn.data() + (r * H + g * group) * hd);
           }
-        }
-      });
+        });
+      } else {
+        at::parallel_for(0, R * H, 1, [&](int64_t w0, int64_t w1) {
+          std::vector<float> scores;
+          for (int64_t w = w0; w < w1; ++w) {
+            const int64_t r = w / H, head = w % H, i = rows[r], g = head / group, P = positions[i] + 1;
+            scores.resize(P);
+            const float* kg = kbase + (slots[i] * KVH + g) * capacity * hd;
+            const float* vg = vbase + (slots[i] * KVH + g) * capacity * hd;
+            const float* q = qkv.data() + r * W + head * hd;
+            float* out = attn.data() + (r * H + head) * hd;
+            if (isa_ == ISA_AVX512_VNNI || isa_ == ISA_AVX512) {
+              attend_avx512(q, kg, vg, P, hd, scale, scores.data(), out);
+            } else if (isa_ == ISA_AVX2) {
+              attend_avx2(q, kg, vg, P, hd, scale, scores.data(), out);
+            } else {
+              attend_generic(q, kg, vg, P, hd, scale, scores.data(), out);
+            }
+          }
+        });
+      }
       tmp.resize(R * D);
       products(ly.o, attn.data(), R, tmp.data());
       for (int64_t r = 0; r < R; ++r)
@@ -1071,7 +1164,18 @@ class OneTokenModel {
     return logits;
   }
 
+ public:
+  bool group_heads_ = true;  // see grouped_attention()
+
  private:
+  // Whether attention runs a KV head's query heads together (attend_group_avx512: AVX-512, head_dim
+  // 64 or 128, up to 4 query heads per KV head; group_heads_ off: one head at a time, for tests).
+  bool grouped_attention() const {
+    const int64_t group = heads_ / kv_heads_;
+    return group_heads_ && (isa_ == ISA_AVX512_VNNI || isa_ == ISA_AVX512) && (head_dim_ == 64 || head_dim_ == 128) && group >= 1 &&
+           group <= 4;
+  }
+
   static torch::Tensor check_float(const torch::Tensor& t, int64_t dim, const char* name) {
     TORCH_CHECK(t.dim() == dim && t.scalar_type() == torch::kFloat32 && t.device().is_cpu(), name,
                 ": expected a float32 CPU tensor with ", dim, " dimension(s)");
@@ -1102,6 +1206,9 @@ void bind_one_token_model(py::module_& m, const char* name) {
       .def("add_layer", &Model::add_layer)
       .def_property_readonly("num_layers", &Model::num_layers)
       .def_property("isa", &Model::isa, &Model::set_isa)
+      .def_readwrite("group_heads", &Model::group_heads_,
+                     "attention over a KV head's query heads together where the code has it (AVX-512, "
+                     "head_dim 64/128, up to 4 per KV head); off: one head at a time (the same results)")
       .def("forward_rows", &Model::forward_rows, py::call_guard<py::gil_scoped_release>(), py::arg("tokens"),
            py::arg("slots"), py::arg("positions"), py::arg("keys"), py::arg("values"), py::arg("cos"), py::arg("sin"),
            py::arg("skips"))

@@ -275,3 +275,55 @@ def test_fused_fp32_step_bad_calls_are_clear_errors():
         step.isa = "avx512-vnni"
     with pytest.raises(ValueError, match="plain float32 weights"):
         cpu_draft.FusedFp32Step(runner.spec, runner.embed, runner.weights.int8(torch.float32, "clasp-portable"))
+
+
+@pytest.mark.parametrize("heads, kv_heads, hidden", [(6, 2, 384), (4, 1, 512), (8, 8, 512)])  # groups 3, 4, 1
+def test_grouped_attention_equals_one_head_at_a_time(heads, kv_heads, hidden):
+    """AVX-512 attention over a KV head's query heads together (head_dim 64 or 128) gives bitwise
+    the logits and KV of one head at a time, for a step and for ragged rows."""
+    _fp32_isa_or_skip("avx512")
+    config = AutoConfig.for_model("llama", vocab_size=300, hidden_size=hidden, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                  max_position_embeddings=128, tie_word_embeddings=False)
+    torch.manual_seed(3)
+    runner = ModelRunner.from_hf(AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval())
+    step = cpu_draft.FusedFp32Step(runner.spec, runner.embed, runner.weights, "avx512")
+    results = {}
+    for grouped in (True, False):
+        step._model.group_heads = grouped
+        cache = runner.new_cache(64, num_slots=2)
+        for slot in range(2):
+            runner.forward(torch.arange(3 + slot, 40), cache, 0, slot=slot)
+        one = step.forward(7, cache.slot_view(0), 37 + 0, frozenset(), runner._rope_cos, runner._rope_sin)
+        rows = step.forward_rows([5, 9, 11, 4], [0, 0, 1, 1], [38, 39, 36, 37], cache, [frozenset()] * 4,
+                                 runner._rope_cos, runner._rope_sin)
+        results[grouped] = (one, rows, [k.clone() for k in cache.keys], [v.clone() for v in cache.values])
+    for a, b in zip(results[True][:2], results[False][:2]):
+        assert torch.equal(a, b)
+    for a, b in zip(results[True][2] + results[True][3], results[False][2] + results[False][3]):
+        assert torch.equal(a, b)
+
+
+def test_grouped_attention_in_the_int8_draft(engine):
+    """The embedded model's int8 draft (9 query heads over 3 KV heads, head_dim 64) in VNNI: the
+    grouped attention drafts bitwise what one head at a time does."""
+    runner = engine.runner
+    if runner.fused_draft is None or "avx512-vnni" not in cpu_draft.supported_isas():
+        pytest.skip("no fused AVX-512 VNNI draft here")
+    draft = runner.fused_draft
+    saved = draft.isa
+    ids = torch.tensor(engine.encode("Name three planets of the solar system."))
+    outputs = {}
+    try:
+        draft.isa = "avx512-vnni"
+        for grouped in (True, False):
+            draft._model.group_heads = grouped
+            cache = runner.new_cache(128, num_slots=2)
+            for slot in range(2):
+                runner.forward(ids[:-1], cache, 0, slot=slot)
+            outputs[grouped] = draft.forward_rows([int(ids[-1])] * 2, [0, 1], [len(ids) - 1] * 2, cache,
+                                                  [frozenset(), frozenset({3, 4})], runner._rope_cos, runner._rope_sin)
+    finally:
+        draft._model.group_heads = True
+        draft.isa = saved
+    assert torch.equal(outputs[True], outputs[False])
