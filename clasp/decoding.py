@@ -199,7 +199,7 @@ def _prefill_piece(runner: ModelRunner, req: Request) -> Chunk:
     """Run the next piece of the prompt (at most prefill_chunk_tokens); after the last piece, choose the
     first token and set up the request's decoding."""
     prompt = req.prompt_ids
-    chunk_tokens = req.config.prefill_chunk_tokens
+    chunk_tokens = req.piece_tokens or req.config.prefill_chunk_tokens
     ids = torch.tensor(prompt, device=runner.device)
     if len(prompt) - req.num_prefilled > chunk_tokens:
         start = req.num_prefilled

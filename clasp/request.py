@@ -131,6 +131,7 @@ class Request:
     ngrams: NgramIndex | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
     num_prefilled: int = 0  # prompt tokens whose KV the slot holds
+    piece_tokens: int | None = None  # the next prefill piece's size, where a scheduler sets it (else the config's)
     token_id: int | None = None  # the newest emitted token, not yet run through the model
     position: int = 0  # where token_id will be processed
     round: RoundPlan | None = None

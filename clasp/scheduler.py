@@ -10,9 +10,9 @@ Memory is bounded by construction: the cache is allocated once for `num_slots` s
 `slot_tokens` positions, so a request whose prompt plus max_new_tokens exceeds a slot is refused
 (ValueError naming the field) and one that finds no free slot waits (the caller's queue).
 
-Prefill: at most one request reads its prompt per step, in pieces of `prefill_chunk_tokens`, so a
-long prompt holds the others for one piece at a time (docs/performance.md has the measured cost
-of a piece).
+Prefill: at most one request reads its prompt per step, in pieces of `prefill_chunk_tokens` while
+others decode, so a long prompt holds them for one piece at a time (docs/performance.md has the
+measured cost of a piece), and in the request's own larger pieces when nobody else decodes.
 
 Speculation and batch size: each request's controller chooses its source and skip count and a
 draft length as it would alone; BatchPlanner then cuts the lengths (down to none) to the most
@@ -231,9 +231,6 @@ class Scheduler:
         room = self.slot_tokens - len(prompt_ids)
         if params.max_new_tokens > room:
             params = dataclasses.replace(params, max_new_tokens=room)
-        # While others decode, a prompt is read in smaller pieces (each step holds them for one piece).
-        if config.prefill_chunk_tokens > self.prefill_chunk_tokens:
-            config = dataclasses.replace(config, prefill_chunk_tokens=self.prefill_chunk_tokens)
         slot = self.free.pop()
         try:
             req = start_request(self.engine.runner, self.engine.tokenizer, prompt_ids, params, config,
@@ -253,13 +250,19 @@ class Scheduler:
     def step(self) -> list[tuple[Request, Chunk]]:
         """One round for every active request (at most one of them reading its prompt); finished
         requests are released. Returns (request, chunk) for each request that ran."""
-        running, prefilling = [], False
+        running, prefilling = [], None
         for req in self.active:
             if req.prefilling:
-                if prefilling:
+                if prefilling is not None:
                     continue  # one prompt at a time: the others' rounds are not held longer
-                prefilling = True
+                prefilling = req
             running.append(req)
+        if prefilling is not None:
+            # While others decode, the prompt is read in smaller pieces (each step holds them for one
+            # piece); with nobody decoding, in the request's own (larger, cheaper per token) pieces.
+            others_decode = any(not r.prefilling for r in running)
+            own = prefilling.config.prefill_chunk_tokens
+            prefilling.piece_tokens = min(own, self.prefill_chunk_tokens) if others_decode else own
         chunks = step(self.engine.runner, running, self.planner)
         for req in running:
             if req.finished:

@@ -190,3 +190,39 @@ def test_batch_planner_learns_from_clasp_batches(engine):
             scheduler.step()
         assert scheduler.planner.verify.known
         assert scheduler.planner.draft.known == planned and bool(scheduler.planner.rounds) == planned, mode
+
+
+def test_a_prompt_is_read_in_small_pieces_only_while_others_decode(engine):
+    """Alone, a prompt is read in the request's own pieces (one pass here); while another request
+    decodes, in the scheduler's smaller pieces, so each step holds the other for one piece. The
+    output is the same either way."""
+    prompt = engine.encode(" ".join(["Tell me about the history of the city of Rome."] * 8))
+    assert 100 < len(prompt) < 512
+    config, params = ClaspConfig(mode="ar"), SamplingParams(max_new_tokens=6)
+    solo = engine.generate(prompt, params, config).token_ids
+
+    def prefill_steps(scheduler, req) -> int:
+        steps = 0
+        while req.prefilling:
+            scheduler.step()
+            steps += 1
+        while scheduler.active:
+            scheduler.step()
+        return steps
+
+    scheduler = Scheduler(engine, num_slots=2, slot_tokens=1024, prefill_chunk_tokens=32)
+    alone = scheduler.admit(prompt, params, config)
+    assert prefill_steps(scheduler, alone) == 1 and alone.result.token_ids == solo
+    other = scheduler.admit(engine.encode("Count from one to ten."), SamplingParams(max_new_tokens=200), config)
+    while other.prefilling:
+        scheduler.step()
+    beside = scheduler.admit(prompt, params, config)
+    steps = 0
+    while beside.prefilling:
+        scheduler.step()
+        steps += 1
+    assert steps == -(-len(prompt) // 32)  # pieces of 32 tokens while `other` decodes
+    while not beside.finished:
+        scheduler.step()
+    assert beside.result.token_ids == solo
+    scheduler.release(other)
