@@ -637,13 +637,8 @@ AVX512_TARGET inline void axpy_avx512(float alpha, const float* x, float* y, int
 }
 
 // One head's attention over keys/values [P, hd]: out = softmax(q . K^T * scale) V.
-AVX512_TARGET void attend_avx512(const float* q, const float* keys, const float* values, int64_t P, int64_t hd,
-                             float scale, float* scores, float* out) {
-  float mx = -INFINITY;
-  for (int64_t p = 0; p < P; ++p) {
-    scores[p] = dot_avx512(q, keys + p * hd, hd) * scale;
-    mx = std::max(mx, scores[p]);
-  }
+// scores[p] = exp(scores[p] - mx) for p < P; returns their sum (a softmax's denominator).
+AVX512_TARGET inline float exp_shifted_avx512(float* scores, int64_t P, float mx) {
   __m512 total = _mm512_setzero_ps();
   const __m512 m = _mm512_set1_ps(mx);
   int64_t p = 0;
@@ -657,9 +652,19 @@ AVX512_TARGET void attend_avx512(const float* q, const float* keys, const float*
     scores[p] = std::exp(scores[p] - mx);
     sum += scores[p];
   }
+  return sum;
+}
+
+AVX512_TARGET void attend_avx512(const float* q, const float* keys, const float* values, int64_t P, int64_t hd,
+                             float scale, float* scores, float* out) {
+  float mx = -INFINITY;
+  for (int64_t p = 0; p < P; ++p) {
+    scores[p] = dot_avx512(q, keys + p * hd, hd) * scale;
+    mx = std::max(mx, scores[p]);
+  }
+  const float inv = 1.f / exp_shifted_avx512(scores, P, mx);
   std::fill(out, out + hd, 0.f);
-  const float inv = 1.f / sum;
-  for (p = 0; p < P; ++p) axpy_avx512(scores[p] * inv, values + p * hd, out, hd);
+  for (int64_t p = 0; p < P; ++p) axpy_avx512(scores[p] * inv, values + p * hd, out, hd);
 }
 
 // exp on 8 lanes with AVX2 and FMA: the same reduction and polynomial as exp16; 2^n is built
@@ -761,23 +766,7 @@ AVX512_TARGET void attend_group_avx512(const float* q, const float* keys, const 
       mx[g] = std::max(mx[g], v);
     }
   }
-  for (int g = 0; g < G; ++g) {
-    float* sc = scores + g * P;
-    __m512 total = _mm512_setzero_ps();
-    const __m512 m = _mm512_set1_ps(mx[g]);
-    int64_t p = 0;
-    for (; p + 16 <= P; p += 16) {
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + p), m));
-      _mm512_storeu_ps(sc + p, e);
-      total = _mm512_add_ps(total, e);
-    }
-    float sum = _mm512_reduce_add_ps(total);
-    for (; p < P; ++p) {
-      sc[p] = std::exp(sc[p] - mx[g]);
-      sum += sc[p];
-    }
-    inv[g] = 1.f / sum;
-  }
+  for (int g = 0; g < G; ++g) inv[g] = 1.f / exp_shifted_avx512(scores + g * P, P, mx[g]);
   for (int c0 = 0; c0 < HD16; c0 += CB) {
     __m512 acc[G][CB];
     for (int g = 0; g < G; ++g)
