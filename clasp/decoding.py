@@ -244,18 +244,21 @@ def _finish_if_done(req: Request, chunk: Chunk) -> Chunk:
     return chunk
 
 
-def _choose(req: Request) -> None:
-    """The request's draft source, length and skip set for this round."""
+def _choose(req: Request) -> RoundChoice:
+    """The request's draft source and length for this round, as it would choose alone."""
     budget = req.draft_budget
     if budget <= 0:
-        choice = RoundChoice(PLAIN, 0)
-    elif req.controller is not None:
-        choice = req.controller.choose(budget, req.ngrams.lookup(budget) if req.ngrams is not None and budget > 0
-                                       else None)
-    else:
-        choice = RoundChoice(MODEL if budget > 0 else PLAIN, budget)
-    if choice.source == MODEL and req.first_plan_input is not None:  # the first model draft: plan for it now
-        req.exchange.submit(req.first_plan_input)
+        return RoundChoice(PLAIN, 0)
+    if req.controller is not None:
+        return req.controller.choose(budget, req.ngrams.lookup(budget) if req.ngrams is not None else None)
+    return RoundChoice(MODEL, budget)
+
+
+def _commit(req: Request, choice: RoundChoice) -> None:
+    """Fix the round's choice (after a batch planner cut it): its skip set, whether verification
+    collects hidden states for a re-plan, and at the first model draft, the first plan request."""
+    if choice.source == MODEL and req.first_plan_input is not None:
+        req.exchange.submit(req.first_plan_input)  # the first model draft: plan for it now
         req.first_plan_input = None
         req.schedule.poll(req.exchange, req.stats.num_rounds, req.plans, req.stats)
     skip_set, collect = req.schedule.for_round(choice)
@@ -334,8 +337,8 @@ def _advance(req: Request, result: RoundResult, new_ids: list[int]) -> Chunk:
 def step(runner: ModelRunner, requests: Sequence[Request], planner=None) -> list[Chunk]:
     """Advance every unfinished request by one round: a prefill piece for a request still reading
     its prompt, else draft, verify (one forward pass for all of them, per KV cache) and accept.
-    planner: cuts the draft lengths of a batch (clasp.scheduler.BatchPlanner: plan(requests) after
-    they chose, observe(...) the round's costs); None leaves each request's own choice. The output
+    planner: cuts the draft lengths of a batch (clasp.scheduler.BatchPlanner: plan(requests, choices)
+    after they chose, observe(...) the round's costs); None leaves each request's own choice. The output
     is the same either way. Returns one Chunk per request (the final one carries the result; a
     finished request gets an empty chunk)."""
     chunks: list[Chunk | None] = [None] * len(requests)
@@ -360,10 +363,11 @@ def step(runner: ModelRunner, requests: Sequence[Request], planner=None) -> list
 def _speculative_round(runner: ModelRunner, reqs: Sequence[Request], planner=None) -> list[Chunk]:
     """One round for requests sharing a KV cache: choose, propose, verify in one pass, accept."""
     cache = reqs[0].cache
-    for req in reqs:
-        _choose(req)
+    choices = [_choose(req) for req in reqs]
     if planner is not None:
-        planner.plan(reqs)
+        planner.plan(reqs, choices)  # cuts lengths in place, before any of them commits to its choice
+    for req, choice in zip(reqs, choices):
+        _commit(req, choice)
     t0 = time.perf_counter()
     proposals = _propose(runner, cache, reqs)
     t1 = time.perf_counter()

@@ -108,13 +108,12 @@ class BatchPlanner:
     def ready(self) -> bool:
         return self.draft.known and self.verify.known
 
-    def plan(self, reqs: Sequence[Request]) -> None:
-        """Cut each request's chosen draft length (req.round.choice) in place."""
+    def plan(self, reqs: Sequence[Request], choices: Sequence[RoundChoice]) -> None:
+        """Cut each request's chosen draft length (choices[i], what reqs[i] chose) in place."""
         if len(reqs) < 2 or not self.ready():
             return
         lengths, curves, fixed, model = [], [], [], []
-        for req in reqs:
-            choice = req.round.choice
+        for req, choice in zip(reqs, choices):
             curve = _curve(req, choice)
             lengths.append(len(curve))
             curves.append(curve)
@@ -153,10 +152,10 @@ class BatchPlanner:
                 break
             best, best_rate = candidate, r
         self.rounds += 1
-        for req, k, n in zip(reqs, best, lengths):
+        for choice, k, n in zip(choices, best, lengths):
             if k < n:
                 self.cut += n - k
-                _cut(req.round.choice, k)
+                _cut(choice, k)
 
     def observe(self, proposals_lengths: Sequence[int], model: Sequence[bool], draft_seconds: float,
                 verify_rows: int, verify_seconds: float) -> None:

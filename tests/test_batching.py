@@ -142,7 +142,7 @@ def _planned(acceptance: float, draft_call_s: float, draft_row_s: float, verify_
         planner.draft.observe(calls, rows, calls * draft_call_s + rows * draft_row_s)
     for rows in (n, 2 * n, 4 * n):
         planner.verify.observe(rows, 0.020 + rows * verify_row_s)
-    reqs = []
+    reqs, choices = [], []
     for i in range(n):
         controller = DraftController(8)
         rng = random.Random(i)
@@ -153,10 +153,10 @@ def _planned(acceptance: float, draft_call_s: float, draft_row_s: float, verify_
             controller.models[0].observe(8, accepted)
         choice = RoundChoice(MODEL, length, num_skip=0)
         params = SamplingParams(temperature=0.8, seed=1) if i == seeded else SamplingParams()
-        reqs.append(types.SimpleNamespace(round=types.SimpleNamespace(choice=choice), controller=controller,
-                                          params=params))
-    planner.plan(reqs)
-    return [r.round.choice.num_draft for r in reqs]
+        choices.append(choice)
+        reqs.append(types.SimpleNamespace(controller=controller, params=params))
+    planner.plan(reqs, choices)
+    return [c.num_draft for c in choices]
 
 
 def test_batch_planner_cuts_drafts_where_they_stop_paying():
@@ -226,3 +226,26 @@ def test_a_prompt_is_read_in_small_pieces_only_while_others_decode(engine):
         scheduler.step()
     assert beside.result.token_ids == solo
     scheduler.release(other)
+
+
+def test_a_draft_the_planner_cuts_asks_for_no_plan(engine):
+    """Where the batch planner cuts a request's model draft to a plain step, the request has not
+    drafted: its first plan request stays held (no DP runs for it) and no re-plan round is counted."""
+    scheduler = Scheduler(engine, num_slots=2, slot_tokens=256)
+    planner = scheduler.planner
+    planner.draft.observe(1, 1, 1.0)  # measured: a draft call costs a second, so no draft pays
+    planner.verify.observe(2, 0.02)
+    config = ClaspConfig(mode="clasp", num_skip_layers=6)
+    first = scheduler.admit(engine.encode(PROMPTS[0]), SamplingParams(max_new_tokens=40), config)
+    while first.prefilling:
+        scheduler.step()
+    second = scheduler.admit(engine.encode(PROMPTS[1]), SamplingParams(max_new_tokens=40), config)
+    while second.prefilling:
+        scheduler.step()
+    assert second.schedule.dynamic and second.first_plan_input is not None
+    for _ in range(4):  # both decoding: every draft is cut
+        scheduler.step()
+    assert second.stats.num_model_draft_tokens == 0
+    assert second.first_plan_input is not None and second.schedule.model_rounds_since_plan == 0
+    for req in list(scheduler.active):
+        scheduler.release(req)
