@@ -291,10 +291,9 @@ def choose(runner: ModelRunner, ids: torch.Tensor, candidates: list[str], packed
     else:
         isa, max_rows = select(ms, errors)
     step_ms, agreement, fused = {}, None, False
-    if isa is not None and not one_call_possible(runner):
-        install(runner, Fp32KernelChoice(isa, max_rows, False, ms, errors, {}, None, 0.0))
-    elif isa is not None:
+    if isa is not None:
         install(runner, Fp32KernelChoice(isa, max_rows, True, ms, errors, {}, None, 0.0))
+    if runner.fused_step is not None:  # installed where the model has one (install checks one_call_possible)
         step_ms, agreement, difference = measure_step(runner, ids)
         # The one-call step computes what the runner's step does, to rounding: it must agree with the
         # full model's choices as the runner's own step does (at most one near-tie apart) and be faster.

@@ -385,7 +385,7 @@ class ModelRunner:
             fused = self.fused_draft if draft and self.draft_has_copy else self.fused_step
             limit = self.fused_max_rows if fused is self.fused_draft else self.fused_step_max_rows
             if fused is not None and num_rows <= limit:
-                return self._fused_forward(fused, segments, cache, num_rows, last_only)
+                return self._fused_forward(fused, segments, cache, num_rows)
         last_rows = None  # with last_only, the row of each segment's last token
         if last_only:
             ends = list(itertools.accumulate(s.num_tokens for s in segments))
@@ -422,11 +422,11 @@ class ModelRunner:
         head = weights.lm_head if draft else self.full_weights(x.shape[0]).lm_head
         return head(self.norm(x, weights.final_norm, self.spec.rms_norm_eps)).float()
 
-    def _fused_forward(self, fused, segments: Sequence[Segment], cache: KVCache, num_rows: int,
-                       last_only: bool) -> torch.Tensor:
+    def _fused_forward(self, fused, segments: Sequence[Segment], cache: KVCache, num_rows: int) -> torch.Tensor:
         """forward_batch through a one-call C++ model (clasp.cpu_draft: the fp32 step, or the int8
         draft over its copy; both take the same calls): one token alone through its one-token path,
-        more rows in one call."""
+        more rows in one call (logits for every row: last_only passes of several rows do not come
+        here)."""
         if len(segments) == 1 and num_rows == 1:
             seg = segments[0]
             logits = fused.forward(int(seg.token_ids[0]), cache.slot_view(seg.slot), seg.start, seg.skip_set,
@@ -443,8 +443,6 @@ class ModelRunner:
         logits = fused.forward_rows(tokens, slots, positions, cache, skips, self._rope_cos, self._rope_sin)
         for seg in segments:
             cache.lengths[seg.slot] = seg.start + seg.num_tokens
-        if last_only:
-            logits = logits[[end - 1 for end in itertools.accumulate(s.num_tokens for s in segments)]]
         return logits
 
     def _partial_layer(self, layer_fn, x, lw, layer, cache, segments, cos, sin) -> torch.Tensor:

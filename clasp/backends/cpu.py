@@ -197,6 +197,12 @@ def calibrate_single_rows(runner: ModelRunner) -> None:
         calibration_cache.write(path, {f"{o}x{i}": _PAD_SINGLE_ROW[(o, i)] for o, i in shapes})
 
 
+def weight_copy_fits(runner: ModelRunner) -> bool:
+    """Whether a second copy of the full weights (a prepacked or blocked one) fits a quarter of the
+    memory this process may use."""
+    return runner.weights.nbytes() <= physical_memory() // 4
+
+
 def set_up_fp32(runner: ModelRunner, options: LoadOptions) -> Fp32KernelChoice | None:
     """The full model's few-row products and plain step per options.fp32_kernel: measured among
     every candidate this machine runs (None), exactly torch's ("torch", not measured), or one
@@ -205,31 +211,27 @@ def set_up_fp32(runner: ModelRunner, options: LoadOptions) -> Fp32KernelChoice |
     if forced is not None and forced not in fp32_kernels.FP32_KERNELS:
         raise ValueError(f"fp32_kernel must be one of {', '.join(fp32_kernels.FP32_KERNELS)}, got {forced!r}")
     names = fp32_kernels.available(runner)
-    if forced == "torch" or names == ["torch"] and forced is None:
-        choice = fp32_kernels.Fp32KernelChoice.forced("torch")
+
+    def install_forced(name: str) -> Fp32KernelChoice:
+        choice = fp32_kernels.Fp32KernelChoice.forced(name)
         fp32_kernels.install(runner, choice)
         return choice
+
+    if forced == "torch" or names == ["torch"] and forced is None:
+        return install_forced("torch")
     if forced is not None:
         if forced not in names:
             raise ValueError(f"fp32_kernel {forced} cannot run here (available: {', '.join(names) or 'none'})")
         names = [forced]
-    elif runner.weights.nbytes() > physical_memory() // 4:  # the blocked copy costs the weights again
+    elif not weight_copy_fits(runner):  # the blocked copy costs the weights again
         log.info("fp32 products through torch: a blocked copy of %d MiB would not fit a quarter of memory",
                  runner.weights.nbytes() >> 20)
-        choice = fp32_kernels.Fp32KernelChoice.forced("torch")
-        fp32_kernels.install(runner, choice)
-        return choice
+        return install_forced("torch")
     if options.calibration_ids is None:  # nothing to measure with: a forced kernel as is, else torch's products
-        if forced is None:
-            return None
-        choice = fp32_kernels.Fp32KernelChoice.forced(forced)
-        fp32_kernels.install(runner, choice)
-        return choice
+        return None if forced is None else install_forced(forced)
 
     def packed():
-        if packing_available(runner) and runner.weights.nbytes() <= physical_memory() // 4:
-            return runner.weights.packed()
-        return None
+        return runner.weights.packed() if packing_available(runner) and weight_copy_fits(runner) else None
 
     return fp32_kernels.choose_cached(runner, options.calibration_ids, names, options.model_identity, packed)
 
@@ -300,7 +302,7 @@ class CpuBackend:
             runner.fused_draft_max_rows = fused_draft_rows_cached(runner, options)
         pack = options.pack_weights
         if pack is None:  # where torch keeps the few-row products, where it fits
-            pack = (packing_available(runner) and runner.weights.nbytes() <= physical_memory() // 4
+            pack = (packing_available(runner) and weight_copy_fits(runner)
                     and (self.fp32_kernel is None or self.fp32_kernel.isa is None))  # no third copy
         if pack:
             pack_weights(runner)
